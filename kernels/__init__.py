@@ -1,0 +1,1 @@
+"""Triton kernels (attention, norms, rotary, SwiGLU, fused distillation loss), each beside a torch reference."""

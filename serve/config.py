@@ -1,0 +1,79 @@
+"""Server configuration: CLI flags, each with an environment variable as its default."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from models.registry import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_pending_requests: int = 128
+    max_model_len: int | None = None
+    dtype: str | None = None
+    enforce_eager: bool = False
+    max_num_seqs: int = 256
+    allow_pickle: bool = False
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port {self.port} is not a TCP port")
+        if self.max_pending_requests < 1:
+            raise ValueError("--max-pending-requests must be at least 1")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("--api-key must not be empty")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"CASCADE_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serve",
+        description="OpenAI-compatible server for cascade models on vLLM's engine. "
+                    "Every flag also reads an environment variable (shown in brackets).",
+    )
+    p.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
+                   help="registry name or checkpoint directory [CASCADE_MODEL] (default: %(default)s)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                   help="bind address [CASCADE_HOST] (default: %(default)s)")
+    p.add_argument("--port", type=int, default=_env("PORT", "8000"),
+                   help="TCP port [CASCADE_PORT] (default: %(default)s)")
+    p.add_argument("--api-key", default=_env("API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes [CASCADE_API_KEY] (default: off)")
+    p.add_argument("--max-pending-requests", type=int, default=_env("MAX_PENDING_REQUESTS", "128"),
+                   help="requests in flight before new ones get 429 [CASCADE_MAX_PENDING_REQUESTS] "
+                        "(default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=_env("MAX_MODEL_LEN"),
+                   help="context length in tokens [CASCADE_MAX_MODEL_LEN] (default: the registry's max context)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=_env("DTYPE"),
+                   help="weights/activations dtype [CASCADE_DTYPE] (default: the registry's dtype)")
+    p.add_argument("--enforce-eager", action="store_true", default=_env("ENFORCE_EAGER", "0") == "1",
+                   help="skip torch.compile: faster first start, slower decoding [CASCADE_ENFORCE_EAGER=1]")
+    p.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", "256"),
+                   help="sequences the engine batches at once [CASCADE_MAX_NUM_SEQS] (default: %(default)s)")
+    p.add_argument("--allow-pickle", action="store_true", default=_env("ALLOW_PICKLE", "0") == "1",
+                   help="allow .bin/.pt checkpoints (pickle can run code) [CASCADE_ALLOW_PICKLE=1]")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"],
+                   help="log level [CASCADE_LOG_LEVEL] (default: %(default)s)")
+    # argparse runs string defaults through `type`, so a bad CASCADE_PORT is reported like a bad --port.
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> ServerConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return ServerConfig(**vars(args))
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits

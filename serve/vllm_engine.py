@@ -1,0 +1,166 @@
+"""The `Engine` on vLLM's V1 `AsyncLLM`: we render prompts to token ids ourselves and stream DELTA outputs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from models.registry import ModelSpec
+from models.tokenizers import load_tokenizer
+from serve.engine import (
+    ChoiceDelta,
+    EngineDeadError,
+    EngineOutput,
+    EngineRequestError,
+    GenerationParams,
+    TokenLogprob,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    max_model_len: int | None = None  # None: the registry's max_context
+    dtype: str | None = None  # None: the registry's dtype
+    enforce_eager: bool = False  # True skips torch.compile: faster start, slower steps
+    max_num_seqs: int = 256
+    seed: int = 0
+
+
+class VLLMEngine:
+    def __init__(self, spec: ModelSpec, settings: VLLMSettings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.model_name = spec.name
+        self.max_model_len = settings.max_model_len or spec.max_context
+        self.tokenizer = load_tokenizer(spec)
+        self._llm: Any = None
+        self._defaults: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(self.spec.checkpoint_dir),
+            served_model_name=[self.spec.name],
+            tokenizer_mode="mistral" if self.spec.chat_format == "mistral" else "auto",
+            dtype=self.settings.dtype or self.spec.dtype,
+            max_model_len=self.max_model_len,
+            enforce_eager=self.settings.enforce_eager,
+            max_num_seqs=self.settings.max_num_seqs,
+            seed=self.settings.seed,
+        )
+        log.info("starting vLLM engine for %s (%s); the first start compiles with torch inductor, "
+                 "later starts reuse the cache", self.spec.name, self.spec.checkpoint_dir)
+        self._llm = AsyncLLM.from_engine_args(args)
+        # Sampling defaults the model ships in generation_config.json (vLLM's own server applies them too).
+        self._defaults = dict(self._llm.model_config.get_diff_sampling_param())
+        log.info("engine ready: max_model_len=%d, generation_config defaults=%s", self.max_model_len, self._defaults)
+
+    def _sampling_params(self, p: GenerationParams) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        chosen = {
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "min_p": p.min_p,
+            "repetition_penalty": p.repetition_penalty,
+        }
+        sampling = {k: v if v is not None else self._defaults.get(k) for k, v in chosen.items()}
+        return SamplingParams(
+            n=p.n,
+            max_tokens=p.max_tokens,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            stop=list(p.stop) or None,
+            stop_token_ids=list(p.stop_token_ids) or None,
+            seed=p.seed,
+            logprobs=p.logprobs,
+            prompt_logprobs=p.prompt_logprobs,
+            ignore_eos=p.ignore_eos,
+            min_tokens=p.min_tokens,
+            include_stop_str_in_output=p.include_stop_str_in_output,
+            output_kind=RequestOutputKind.DELTA,
+            **{k: v for k, v in sampling.items() if v is not None},
+        )
+
+    async def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+                       ) -> AsyncIterator[EngineOutput]:
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMDeadError
+
+        try:
+            from vllm.exceptions import VLLMValidationError
+        except ImportError:  # pragma: no cover - moved between releases
+            VLLMValidationError = ValueError  # type: ignore[misc,assignment]  # noqa: N806
+
+        sampling = self._sampling_params(params)
+        first = True
+        try:
+            async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id):
+                yield EngineOutput(
+                    choices=[_choice(c) for c in out.outputs],
+                    num_prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
+                    finished=out.finished,
+                    prompt_logprobs=_prompt_logprobs(prompt_token_ids, out.prompt_logprobs) if first else None,
+                )
+                first = False
+        except VLLMDeadError as e:
+            raise EngineDeadError(str(e)) from e
+        except (VLLMValidationError, ValueError) as e:
+            raise EngineRequestError(str(e)) from e
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def is_healthy(self) -> bool:
+        if self._llm is None or self._llm.errored:
+            return False
+        try:
+            await self._llm.check_health()
+        except Exception:  # noqa: BLE001 - any failure of the health probe means unhealthy
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+
+def _choice(c: Any) -> ChoiceDelta:
+    return ChoiceDelta(
+        index=c.index,
+        text=c.text,
+        token_ids=list(c.token_ids),
+        logprobs=[_token_logprob(tid, lp) for tid, lp in zip(c.token_ids, c.logprobs, strict=True)]
+        if c.logprobs is not None else None,
+        finish_reason=c.finish_reason,
+        stop_reason=c.stop_reason,
+    )
+
+
+def _token_logprob(token_id: int, entry: dict[int, Any]) -> TokenLogprob:
+    """vLLM gives {token_id: Logprob(logprob, rank, decoded_token)} holding the sampled token and the top-k."""
+    chosen = entry[token_id]
+    top = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank >= 1),
+                 key=lambda item: item[1].rank)
+    return TokenLogprob(
+        token_id=token_id,
+        token=chosen.decoded_token or "",
+        logprob=float(chosen.logprob),
+        top=tuple((tid, lp.decoded_token or "", float(lp.logprob)) for tid, lp in top),
+    )
+
+
+def _prompt_logprobs(prompt_token_ids: list[int], entries: Any) -> list[TokenLogprob | None] | None:
+    """One entry per prompt token; the first is None (nothing precedes it)."""
+    if entries is None:
+        return None
+    return [None if e is None else _token_logprob(tid, e) for tid, e in zip(prompt_token_ids, entries, strict=True)]

@@ -1,0 +1,114 @@
+"""Shared fixtures: offline environment, prepared models, and real servers started once per session."""
+
+from __future__ import annotations
+
+import os
+
+# Offline before anything imports huggingface_hub: tests must never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models.prepare import prepare
+from models.registry import ModelSpec, get_model
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER_START_TIMEOUT = 900  # the first start compiles with torch inductor: minutes on 2 cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    spec: ModelSpec
+    base_url: str  # http://127.0.0.1:PORT
+    api_key: str | None
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def start_server(spec: ModelSpec, tmp: Path, *args: str, api_key: str | None = None) -> RunningServer:
+    port = free_port()
+    log_path = tmp / f"server-{spec.name}.log"
+    cmd = [sys.executable, "-m", "serve", "--model", spec.name, "--port", str(port), *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    server = RunningServer(spec, f"http://127.0.0.1:{port}", api_key, proc, log_path)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server for {spec.name} exited with {proc.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise RuntimeError(f"server for {spec.name} not healthy after {SERVER_START_TIMEOUT}s:\n{server.log_tail()}")
+
+
+def stop_server(server: RunningServer) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> ModelSpec:
+    spec = get_model("smollm2-135m-instruct")
+    prepare(spec)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral() -> ModelSpec:
+    spec = get_model("tiny-mistral")
+    prepare(spec)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def server(smollm2: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The default model on the real vLLM engine, with an API key and a small admission limit."""
+    s = start_server(smollm2, tmp_path_factory.mktemp("server"), "--max-model-len", "2048",
+                     "--max-pending-requests", "8", api_key="test-key")
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_mistral: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A tiny Mistral model (Tekken tokenizer, mistral_common prompts) with auth off."""
+    s = start_server(tiny_mistral, tmp_path_factory.mktemp("tiny"), "--max-model-len", "1024")
+    yield s
+    stop_server(s)
