@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, api_key=config.api_key, max_pending_requests=config.max_pending_requests)
     log.info("cascade server for %s on http://%s:%d (auth %s)", spec.name, config.host, config.port,
              "on" if config.api_key else "off")
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -93,13 +94,22 @@ class GatewayMiddleware:
             self.metrics.http_requests.labels(route, str(status)).inc()
 
 
+MAX_BODY_BYTES = 32 << 20  # far above any prompt that fits a context; stops a client from filling memory
+
+
 async def read_json_object(request: Request) -> dict[str, Any]:
     """Parse the body ourselves so malformed JSON is a 400 in OpenAI's shape, not FastAPI's 422."""
-    raw = await request.body()
+    too_large = APIError(413, f"request body exceeds {MAX_BODY_BYTES} bytes", code="request_too_large")
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
     try:
-        import json
-
-        body = json.loads(raw)
+        body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):

@@ -14,6 +14,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from models.prepare import prepare
 from models.registry import DEFAULT_MODEL, get_model
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+METRICS = ("output_throughput", "request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
            "median_tpot_ms", "completed")
 
 
@@ -93,7 +94,7 @@ def bench(kind: str, model: str, engine_args: list[str], levels: list[int], inpu
         rows = []
         for c in levels:
             print(f"[{kind}] concurrency {c}", flush=True)
-            rows.append({"server": kind} | _run_load(url, spec.name, model_dir, c, max(8, 4 * c), input_len,
+            rows.append({"server": kind} | _run_load(url, spec.name, model_dir, c, max(16, 4 * c), input_len,
                                                      output_len))
         return rows
     finally:
@@ -104,27 +105,44 @@ def bench(kind: str, model: str, engine_args: list[str], levels: list[int], inpu
             proc.kill()
 
 
+def average(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean of each metric over rounds, per (server, concurrency)."""
+    keys = sorted({(r["server"], r["concurrency"]) for r in runs}, key=lambda k: (k[0] != "cascade", k))
+    rows = []
+    for server, c in keys:
+        group = [r for r in runs if r["server"] == server and r["concurrency"] == c]
+        row: dict[str, Any] = {"server": server, "concurrency": c}
+        for m in (*METRICS, "num_prompts"):
+            row[m] = sum(r[m] for r in group) / len(group)
+        rows.append(row)
+    return rows
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"# bench-serve: cascade vs vLLM's OpenAI server ({meta['date']})",
         "",
         f"Model `{meta['model']}`, engine args `{' '.join(meta['engine_args'])}`, {meta['input_len']} prompt tokens "
         f"(random, seed 0), {meta['output_len']} output tokens (ignore_eos), temperature 0, streaming "
-        f"/v1/completions, load from `vllm.benchmarks.serve`. Machine: {meta['machine']}.",
+        f"/v1/completions, load from `vllm.benchmarks.serve`. Machine: {meta['machine']}. Means over "
+        f"{meta['rounds']} rounds, alternating which server runs first.",
         "",
-        "| server | concurrency | requests | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT mean ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | concurrency | requests | output tok/s | req/s | TTFT mean ms | TTFT p50 ms | TTFT p99 ms | "
+        "TPOT mean ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['server']} | {r['concurrency']} | {r['completed']} | {r['output_throughput']:.1f} | "
-                     f"{r['request_throughput']:.2f} | {r['median_ttft_ms']:.1f} | {r['p99_ttft_ms']:.1f} | "
-                     f"{r['mean_tpot_ms']:.1f} |")
-    lines += ["", "| concurrency | throughput cascade / vLLM | TTFT p50 cascade / vLLM |", "|---:|---:|---:|"]
+        lines.append(f"| {r['server']} | {r['concurrency']} | {r['completed']:.0f} | {r['output_throughput']:.1f} | "
+                     f"{r['request_throughput']:.2f} | {r['mean_ttft_ms']:.1f} | {r['median_ttft_ms']:.1f} | "
+                     f"{r['p99_ttft_ms']:.1f} | {r['mean_tpot_ms']:.1f} |")
+    lines += ["", "| concurrency | throughput cascade / vLLM | TTFT mean cascade / vLLM | TTFT p50 cascade / vLLM |",
+              "|---:|---:|---:|---:|"]
     by = {(r["server"], r["concurrency"]): r for r in rows}
     for c in sorted({r["concurrency"] for r in rows}):
         ours, theirs = by.get(("cascade", c)), by.get(("vllm", c))
         if ours and theirs:
             lines.append(f"| {c} | {ours['output_throughput'] / theirs['output_throughput']:.3f} | "
+                         f"{ours['mean_ttft_ms'] / theirs['mean_ttft_ms']:.3f} | "
                          f"{ours['median_ttft_ms'] / theirs['median_ttft_ms']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -137,22 +155,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--servers", default="cascade,vllm")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="repeat the comparison, alternating which server goes first; the table shows means")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
     args = p.parse_args(argv)
     spec = get_model(args.model)
     engine_args = ["--dtype", spec.dtype, "--max-model-len", str(args.max_model_len)]
     levels = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    for kind in args.servers.split(","):
-        rows += bench(kind, args.model, engine_args, levels, args.input_len, args.output_len, args.out)
-    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "model": spec.name,
+    log_dir = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
+    servers = args.servers.split(",")
+    runs: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        for kind in servers if r % 2 == 0 else servers[::-1]:  # alternate the order: no server always goes first
+            runs += [row | {"round": r} for row in
+                     bench(kind, args.model, engine_args, levels, args.input_len, args.output_len, log_dir)]
+    rows = average(runs)
+    meta = {"rounds": args.rounds, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "model": spec.name,
             "engine_args": engine_args, "input_len": args.input_len, "output_len": args.output_len,
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, VLLM_CPU_KVCACHE_SPACE="
                        f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', 'default')}"}
     table = markdown(rows, meta)
     print(table)
-    for name, text in (("serve.md", table), ("serve.json", json.dumps({"meta": meta, "rows": rows}, indent=2))):
+    report = json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2)
+    for name, text in (("serve.md", table), ("serve.json", report)):
         tmp = args.out / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(args.out / name)  # atomic: a killed run never leaves half a report

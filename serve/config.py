@@ -19,7 +19,7 @@ class ServerConfig:
     max_model_len: int | None = None
     dtype: str | None = None
     enforce_eager: bool = False
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None
     allow_pickle: bool = False
     log_level: str = "info"
 
@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights/activations dtype [CASCADE_DTYPE] (default: the registry's dtype)")
     p.add_argument("--enforce-eager", action="store_true", default=_env("ENFORCE_EAGER", "0") == "1",
                    help="skip torch.compile: faster first start, slower decoding [CASCADE_ENFORCE_EAGER=1]")
-    p.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", "256"),
-                   help="sequences the engine batches at once [CASCADE_MAX_NUM_SEQS] (default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS"),
+                   help="sequences the engine batches at once [CASCADE_MAX_NUM_SEQS] (default: vLLM's, 128 on CPU)")
     p.add_argument("--allow-pickle", action="store_true", default=_env("ALLOW_PICKLE", "0") == "1",
                    help="allow .bin/.pt checkpoints (pickle can run code) [CASCADE_ALLOW_PICKLE=1]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"],

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")  # union members show up in `loc` as type tags: 'str', 'list[str]'
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          413: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +29,7 @@ class VLLMSettings:
     max_model_len: int | None = None  # None: the registry's max_context
     dtype: str | None = None  # None: the registry's dtype
     enforce_eager: bool = False  # True skips torch.compile: faster start, slower steps
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # None: vLLM's default for the platform
     seed: int = 0
 
 
@@ -56,7 +59,8 @@ class VLLMEngine:
         )
         log.info("starting vLLM engine for %s (%s); the first start compiles with torch inductor, "
                  "later starts reuse the cache", self.spec.name, self.spec.checkpoint_dir)
-        self._llm = AsyncLLM.from_engine_args(args)
+        with _heartbeat("vLLM engine still starting (first start: torch.compile)"):
+            self._llm = AsyncLLM.from_engine_args(args)
         # Sampling defaults the model ships in generation_config.json (vLLM's own server applies them too).
         self._defaults = dict(self._llm.model_config.get_diff_sampling_param())
         log.info("engine ready: max_model_len=%d, generation_config defaults=%s", self.max_model_len, self._defaults)
@@ -104,10 +108,11 @@ class VLLMEngine:
         try:
             async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id):
                 yield EngineOutput(
-                    choices=[_choice(c) for c in out.outputs],
+                    choices=[_choice(c, params.logprobs or 0) for c in out.outputs],
                     num_prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
                     finished=out.finished,
-                    prompt_logprobs=_prompt_logprobs(prompt_token_ids, out.prompt_logprobs) if first else None,
+                    prompt_logprobs=_prompt_logprobs(prompt_token_ids, out.prompt_logprobs, params.prompt_logprobs or 0)
+                    if first else None,
                 )
                 first = False
         except VLLMDeadError as e:
@@ -134,22 +139,41 @@ class VLLMEngine:
             self._llm = None
 
 
-def _choice(c: Any) -> ChoiceDelta:
+@contextlib.contextmanager
+def _heartbeat(message: str, every_s: float = 15.0) -> Iterator[None]:
+    """Log progress while a long blocking step runs, so a first start is not minutes of silence."""
+    done = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            log.info("%s: %.0f s", message, time.monotonic() - start)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        log.info("engine started in %.1f s", time.monotonic() - start)
+
+
+def _choice(c: Any, k: int) -> ChoiceDelta:
     return ChoiceDelta(
         index=c.index,
         text=c.text,
         token_ids=list(c.token_ids),
-        logprobs=[_token_logprob(tid, lp) for tid, lp in zip(c.token_ids, c.logprobs, strict=True)]
+        logprobs=[_token_logprob(tid, lp, k) for tid, lp in zip(c.token_ids, c.logprobs, strict=True)]
         if c.logprobs is not None else None,
         finish_reason=c.finish_reason,
         stop_reason=c.stop_reason,
     )
 
 
-def _token_logprob(token_id: int, entry: dict[int, Any]) -> TokenLogprob:
-    """vLLM gives {token_id: Logprob(logprob, rank, decoded_token)} holding the sampled token and the top-k."""
+def _token_logprob(token_id: int, entry: dict[int, Any], k: int) -> TokenLogprob:
+    """vLLM gives {token_id: Logprob(logprob, rank, decoded_token)}: the top-k plus the chosen token at its own rank."""
     chosen = entry[token_id]
-    top = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank >= 1),
+    top = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and 1 <= lp.rank <= k),
                  key=lambda item: item[1].rank)
     return TokenLogprob(
         token_id=token_id,
@@ -159,8 +183,9 @@ def _token_logprob(token_id: int, entry: dict[int, Any]) -> TokenLogprob:
     )
 
 
-def _prompt_logprobs(prompt_token_ids: list[int], entries: Any) -> list[TokenLogprob | None] | None:
+def _prompt_logprobs(prompt_token_ids: list[int], entries: Any, k: int) -> list[TokenLogprob | None] | None:
     """One entry per prompt token; the first is None (nothing precedes it)."""
     if entries is None:
         return None
-    return [None if e is None else _token_logprob(tid, e) for tid, e in zip(prompt_token_ids, entries, strict=True)]
+    return [None if e is None else _token_logprob(tid, e, k)
+            for tid, e in zip(prompt_token_ids, entries, strict=True)]

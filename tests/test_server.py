@@ -162,6 +162,9 @@ def test_completion_echo_logprobs(client: openai.OpenAI, tokenizer) -> None:
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
     assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert all(len(top) == 1 for top in lp.top_logprobs[1:])  # exactly the top-1, even where the prompt token isn't
+    greedy = [max(top.values()) for top in lp.top_logprobs[1:]]
+    assert all(g >= v - 1e-4 for g, v in zip(greedy, lp.token_logprobs[1:], strict=True))
     assert r.choices[0].text.startswith(tokenizer.decode(ids))
 
 
@@ -241,6 +244,12 @@ def test_bad_completion_requests_are_400(server: RunningServer, body: object, pa
     r = post(server, "/v1/completions", body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_oversized_body_is_413(server: RunningServer) -> None:
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * (33 << 20)}]})
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
 def test_prompt_longer_than_context(client: openai.OpenAI, server: RunningServer) -> None:

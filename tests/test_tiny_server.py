@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -46,3 +48,43 @@ def test_token_id_prompts_and_stream(tiny_server: RunningServer) -> None:
         for c in chunk.choices:
             streamed[c.index] += c.text
     assert streamed == {c.index: c.text for c in full.choices}
+
+
+def test_tiny_ministral3_serves(tmp_path) -> None:
+    """Ministral3ForCausalLM (YaRN rope, Tekken) loads in vLLM and generates."""
+    from models.prepare import prepare
+    from models.registry import get_model
+    from tests.conftest import start_server, stop_server
+
+    spec = get_model("tiny-ministral3")
+    prepare(spec)
+    server = start_server(spec, tmp_path, "--max-model-len", "512", "--enforce-eager")
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model=spec.name, prompt=[1, 22, 333, 4444], max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+    finally:
+        stop_server(server)
+
+
+def test_dead_engine_reported(tiny_server: RunningServer) -> None:
+    """Kill the engine core process under the server: /health turns 503 and requests fail fast with 503.
+
+    Runs last in this module: it leaves the tiny server without an engine.
+    """
+    import psutil
+
+    children = psutil.Process(tiny_server.proc.pid).children(recursive=True)
+    assert children, "vLLM runs its engine core in a child process"
+    for child in children:
+        child.kill()
+    deadline = time.monotonic() + 30
+    status = 200
+    while time.monotonic() < deadline and status != 503:
+        status = httpx.get(f"{tiny_server.base_url}/health", timeout=5).status_code
+        time.sleep(0.5)
+    assert status == 503
+    r = httpx.post(f"{tiny_server.base_url}/v1/completions", timeout=30,
+                   json={"model": "tiny-mistral", "prompt": "hello", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
