@@ -21,23 +21,29 @@ class MissingCheckpointError(FileNotFoundError):
 
 
 @contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
+def atomic_directory(final: Path, recipe: str = "ok") -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to `final` only if the block finishes.
 
-    An interrupted write leaves at most a `.tmp-*` directory behind, never a half-written `final`.
+    An interrupted write leaves at most a `.tmp-*` directory behind, never a half-written `final`. The marker file
+    records `recipe`, so a changed preparation recipe rebuilds instead of trusting an old directory.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
     try:
         yield tmp
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        (tmp / COMPLETE_MARKER).write_text(recipe + "\n")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_prepared(path: Path, recipe: str) -> bool:
+    marker = path / COMPLETE_MARKER
+    return marker.is_file() and marker.read_text().strip() == recipe
 
 
 def is_complete(path: Path) -> bool:

@@ -10,12 +10,13 @@ import json
 import shutil
 from pathlib import Path
 
-from models.checkpoint import atomic_directory, is_complete
+from models.checkpoint import atomic_directory, is_prepared
 from models.registry import ModelSpec
 
 # Tekken v3: [INST], [TOOL_CALLS], [AVAILABLE_TOOLS], [TOOL_RESULTS], [SYSTEM_PROMPT]
 TEKKEN_FILE = "tekken_240911.json"
 VOCAB_SIZE = 131072
+RECIPE = "tiny/1"
 
 _COMMON = dict(
     vocab_size=VOCAB_SIZE,
@@ -62,13 +63,13 @@ def build_tiny_model(family: str, max_context: int, seed: int = 0):
 
 def prepare_tiny(spec: ModelSpec, force: bool = False) -> Path:
     out = spec.checkpoint_dir
-    if is_complete(out) and not force:
+    if is_prepared(out, RECIPE) and not force:
         return out
     import torch
 
     model = build_tiny_model(spec.family, spec.max_context)
     model.to(getattr(torch, spec.dtype))
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, RECIPE) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(mistral_tokenizer_file(), tmp / "tekken.json")
         config = json.loads((tmp / "config.json").read_text())

@@ -55,6 +55,13 @@ def test_capital_of_france(client: openai.OpenAI) -> None:
     assert r.object == "chat.completion" and r.model == MODEL
 
 
+def test_default_sampling_answers(client: openai.OpenAI) -> None:
+    """The README's example as a user sends it: no sampling parameters (the model card's defaults apply)."""
+    for seed in (1, 2, 3):
+        r = client.chat.completions.create(model=MODEL, messages=FRANCE, seed=seed, max_tokens=48)
+        assert "Paris" in r.choices[0].message.content
+
+
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
