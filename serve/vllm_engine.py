@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -61,12 +62,14 @@ class VLLMEngine:
                  "later starts reuse the cache", self.spec.name, self.spec.checkpoint_dir)
         with _heartbeat("vLLM engine still starting (first start: torch.compile)"):
             self._llm = AsyncLLM.from_engine_args(args)
-        # Sampling defaults the model ships in generation_config.json (vLLM's own server applies them too).
-        self._defaults = dict(self._llm.model_config.get_diff_sampling_param())
+        # Defaults for what a request leaves out: the registry's, then the model's generation_config.json (which
+        # vLLM's own server applies too), then vLLM's.
+        self._defaults = dict(self._llm.model_config.get_diff_sampling_param()) | self.spec.sampling_defaults
         log.info("engine ready: max_model_len=%d, generation_config defaults=%s", self.max_model_len, self._defaults)
 
     def _sampling_params(self, p: GenerationParams) -> Any:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
         chosen = {
@@ -77,38 +80,44 @@ class VLLMEngine:
             "repetition_penalty": p.repetition_penalty,
         }
         sampling = {k: v if v is not None else self._defaults.get(k) for k, v in chosen.items()}
-        return SamplingParams(
-            n=p.n,
-            max_tokens=p.max_tokens,
-            presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty,
-            stop=list(p.stop) or None,
-            stop_token_ids=list(p.stop_token_ids) or None,
-            seed=p.seed,
-            logprobs=p.logprobs,
-            prompt_logprobs=p.prompt_logprobs,
-            ignore_eos=p.ignore_eos,
-            min_tokens=p.min_tokens,
-            include_stop_str_in_output=p.include_stop_str_in_output,
-            output_kind=RequestOutputKind.DELTA,
-            **{k: v for k, v in sampling.items() if v is not None},
-        )
+        # Greedy choices are all the same sequence, and vLLM refuses n > 1 when greedy: decode once, copy it.
+        greedy = sampling["temperature"] is not None and sampling["temperature"] < 1e-5  # vLLM's own threshold
+        n = 1 if greedy else p.n
+        try:
+            return SamplingParams(
+                n=n,
+                max_tokens=p.max_tokens,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                stop=list(p.stop) or None,
+                stop_token_ids=list(p.stop_token_ids) or None,
+                seed=p.seed,
+                logprobs=p.logprobs,
+                prompt_logprobs=p.prompt_logprobs,
+                ignore_eos=p.ignore_eos,
+                min_tokens=p.min_tokens,
+                include_stop_str_in_output=p.include_stop_str_in_output,
+                output_kind=RequestOutputKind.DELTA,
+                **{k: v for k, v in sampling.items() if v is not None},
+            )
+        except (ValueError, VLLMClientError) as e:  # VLLMValidationError is a VLLMClientError
+            raise EngineRequestError(str(e)) from None
 
     async def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
                        ) -> AsyncIterator[EngineOutput]:
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMDeadError
 
-        try:
-            from vllm.exceptions import VLLMValidationError
-        except ImportError:  # pragma: no cover - moved between releases
-            VLLMValidationError = ValueError  # type: ignore[misc,assignment]  # noqa: N806
-
         sampling = self._sampling_params(params)
+        copies = params.n // sampling.n  # > 1 only for greedy n > 1
         first = True
         try:
             async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id):
+                choices = [_choice(c, params.logprobs or 0) for c in out.outputs]
+                if copies > 1:
+                    choices = [dataclasses.replace(choices[0], index=i) for i in range(copies)]
                 yield EngineOutput(
-                    choices=[_choice(c, params.logprobs or 0) for c in out.outputs],
+                    choices=choices,
                     num_prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
                     finished=out.finished,
                     prompt_logprobs=_prompt_logprobs(prompt_token_ids, out.prompt_logprobs, params.prompt_logprobs or 0)
@@ -117,8 +126,12 @@ class VLLMEngine:
                 first = False
         except VLLMDeadError as e:
             raise EngineDeadError(str(e)) from e
-        except (VLLMValidationError, ValueError) as e:
+        except (ValueError, VLLMClientError) as e:  # the engine refused this request
             raise EngineRequestError(str(e)) from e
+
+    def check_params(self, params: GenerationParams) -> None:
+        """Raise EngineRequestError for what vLLM would refuse, before any response starts."""
+        self._sampling_params(params)
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

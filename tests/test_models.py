@@ -93,8 +93,6 @@ def test_smollm2_prepared_once(smollm2: ModelSpec) -> None:
     assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576 and config["vocab_size"] == 49152
     assert "quantization_config" not in config
     assert (out / "chat_template.jinja").is_file() and (out / "tokenizer.json").is_file()
-    generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["temperature"] == 0.2 and generation["top_p"] == 0.9
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     assert prepare_smollm2(smollm2) == out  # second run: no work
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
