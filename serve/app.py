@@ -34,23 +34,27 @@ class Admission:
         self.in_flight = 0
         self.metrics = metrics
 
-    def acquire(self) -> None:
-        if self.in_flight >= self.limit:
+    def acquire(self, count: int = 1) -> None:
+        """Take one slot per engine request (a completions batch of k prompts takes k)."""
+        if count > self.limit:
+            raise APIError(400, f"{count} prompts in one request exceed the server's limit of {self.limit}",
+                           param="prompt", code="too_many_prompts")
+        if self.in_flight + count > self.limit:
             self.metrics.rejected.inc()
             raise APIError(429, f"server is at its limit of {self.limit} requests in flight; retry shortly",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        self.in_flight += 1
+        self.in_flight += count
 
-    def release(self) -> None:
-        self.in_flight -= 1
+    def release(self, count: int = 1) -> None:
+        self.in_flight -= count
 
-    async def release_after(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Hold the slot for as long as a stream runs."""
+    async def release_after(self, chunks: AsyncIterator[str], count: int = 1) -> AsyncIterator[str]:
+        """Hold the slots for as long as a stream runs."""
         try:
             async for chunk in chunks:
                 yield chunk
         finally:
-            self.release()
+            self.release(count)
 
 
 class GatewayMiddleware:

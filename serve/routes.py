@@ -273,15 +273,15 @@ def register_openai_routes(app: FastAPI) -> None:
         params = [check_params(engine, generation_params(req, mt, req.logprobs, echo_lp)) for mt in max_tokens]
         streams = [tracked(engine, metrics, "/v1/completions", ids, p, f"{rid}-{i}")
                    for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))]
-        admission.acquire()
+        admission.acquire(len(streams))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await _stream_response(admission.release_after(_guard_stream(
-                _completion_stream(streams, prompt_ids, head, req, include_usage, engine))))
+                _completion_stream(streams, prompt_ids, head, req, include_usage, engine)), len(streams)))
         try:
             return await cancel_on_disconnect(request, _completion_full(streams, prompt_ids, head, req, engine))
         finally:
-            admission.release()
+            admission.release(len(streams))
 
 
 async def _chat_full(outputs: AsyncIterator[EngineOutput], head: dict[str, Any], n: int, logprobs: bool

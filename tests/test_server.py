@@ -258,6 +258,7 @@ def test_bad_chat_requests_are_400(server: RunningServer, body: object, param: s
     ({"model": MODEL, "prompt": [-1, 5]}, "prompt"),
     ({"model": MODEL, "prompt": "hi", "logprobs": 50}, "logprobs"),
     ({"model": MODEL, "prompt": "hi", "suffix": "x"}, "suffix"),
+    ({"model": MODEL, "prompt": ["hi"] * 9}, "prompt"),  # more prompts than the server's 8 slots
 ])
 def test_bad_completion_requests_are_400(server: RunningServer, body: object, param: str) -> None:
     r = post(server, "/v1/completions", body)
