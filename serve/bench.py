@@ -55,12 +55,11 @@ def _run_load(url: str, name: str, tokenizer: Path, concurrency: int, num_prompt
 
 
 def bench(kind: str, model: str, engine_args: list[str], levels: list[int], input_len: int, output_len: int,
-          log_dir: Path) -> list[dict[str, Any]]:
+          log_path: Path) -> list[dict[str, Any]]:
     spec = get_model(model)
     model_dir = prepare(spec)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = log_dir / f"bench-{kind}.log"
     print(f"[{kind}] starting server (log: {log_path})", flush=True)
     proc = spawn(_server_cmd(kind, model_dir, spec.name, port, engine_args), log_path, REPO)
     try:
@@ -139,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for kind in servers if r % 2 == 0 else servers[::-1]:  # alternate the order: no server always goes first
             runs += [row | {"round": r} for row in
-                     bench(kind, args.model, engine_args, levels, args.input_len, args.output_len, log_dir)]
+                     bench(kind, args.model, engine_args, levels, args.input_len, args.output_len,
+                           log_dir / f"bench-{kind}-round{r}.log")]
     rows = average(runs)
     meta = {"rounds": args.rounds, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "model": spec.name,
             "engine_args": engine_args, "input_len": args.input_len, "output_len": args.output_len,
