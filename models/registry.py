@@ -85,10 +85,12 @@ REGISTRY: dict[str, ModelSpec] = {
             family="ministral3",
             source="tiny",
             chat_format="mistral",
-            tool_format="mistral",
+            tool_format="mistral-v11",
+            reasoning_format="mistral-think",
             dtype="float32",
             max_context=2048,
-            description="random Ministral3ForCausalLM (2 layers, YaRN rope), Tekken 131k tokenizer; tests only",
+            description="random Ministral3ForCausalLM (2 layers, YaRN rope), Tekken v13 tokenizer with [THINK] and "
+                        "[ARGS] (Magistral-style reasoning and tool calls); tests only",
         ),
     ]
 }
@@ -117,6 +119,7 @@ def local_model_spec(path: Path) -> ModelSpec:
     model_type = config.get("model_type", "llama")
     family: Family = model_type if model_type in ("llama", "mistral", "ministral3") else "llama"
     mistral_tok = (path / "tekken.json").is_file()
+    tool_format, reasoning_format = _mistral_formats(path / "tekken.json") if mistral_tok else (None, None)
     dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
     slug = re.sub(r"[^a-z0-9._-]+", "-", path.resolve().name.lower()).strip("-") or "local"
     return ModelSpec(
@@ -124,8 +127,19 @@ def local_model_spec(path: Path) -> ModelSpec:
         family=family,
         source="local",
         chat_format="mistral" if mistral_tok else "hf",
-        tool_format="mistral" if mistral_tok else None,
+        tool_format=tool_format,
+        reasoning_format=reasoning_format,
         dtype=dtype if dtype in ("bfloat16", "float16", "float32") else "bfloat16",
         max_context=int(config.get("max_position_embeddings", 2048)),
         path=path.resolve(),
     )
+
+
+def _mistral_formats(tekken: Path) -> tuple[ToolFormat, ReasoningFormat | None]:
+    """Tekken v11+ writes calls as `[TOOL_CALLS]name[ARGS]{...}`; a [THINK] special token means a reasoning model."""
+    import json
+
+    data = json.loads(tekken.read_text())
+    version = int(str(data.get("config", {}).get("version", "v3")).lstrip("v") or 3)
+    specials = {t.get("token_str") for t in data.get("special_tokens") or []}
+    return ("mistral-v11" if version >= 11 else "mistral"), ("mistral-think" if "[THINK]" in specials else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -10,18 +11,27 @@ from models.registry import ModelSpec
 Message = dict[str, Any]  # OpenAI chat message, content already flattened to a string
 
 
+_SPECIAL = re.compile(r"(\[/?[A-Z_]+\])")
+
+
 class ChatTemplateError(ValueError):
     """The conversation cannot be rendered by this model's template (e.g. wrong role order for Mistral)."""
 
 
 class ChatTokenizer(Protocol):
     eos_token_id: int
+    supports_tools: bool
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, token_ids: list[int]) -> str: ...
 
-    def encode_chat(self, messages: list[Message]) -> list[int]: ...
+    def encode_piece(self, text: str) -> list[int]:
+        """Token ids for output text the server writes for the model (markers such as [THINK] as special tokens)."""
+        ...
+
+    def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]: ...
 
 
 class HFChatTokenizer:
@@ -34,16 +44,23 @@ class HFChatTokenizer:
         if not self.tok.chat_template:
             raise ChatTemplateError(f"{path}: tokenizer has no chat template")
         self.eos_token_id = int(self.tok.eos_token_id)
+        # Templates that know tools read a `tools` variable; others (SmolLM2's) get them as text (serve/tools.py).
+        self.supports_tools = "tools" in self.tok.chat_template
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
 
+    def encode_piece(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
     def decode(self, token_ids: list[int]) -> str:
         return self.tok.decode(token_ids)
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
+    def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         try:
-            out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            out = self.tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, **(template_kwargs or {}))
         except Exception as e:  # jinja raises TemplateError, UndefinedError, TypeError... all mean "bad messages"
             raise ChatTemplateError(f"chat template failed: {e}") from e
         return list(out["input_ids"])
@@ -58,18 +75,31 @@ class MistralChatTokenizer:
         self.mistral = MistralTokenizer.from_file(str(path / "tekken.json"))
         self.raw = self.mistral.instruct_tokenizer.tokenizer
         self.eos_token_id = int(self.raw.eos_id)
+        self.supports_tools = True
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.raw.encode(text, bos=add_special_tokens, eos=False))
 
+    def encode_piece(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in _SPECIAL.split(text):  # the capture group keeps the [MARKER]s as their own parts
+            if not part:
+                continue
+            try:
+                ids.append(int(self.raw.get_special_token(part)))
+            except Exception:  # noqa: BLE001 - not a special token of this vocabulary: plain text
+                ids += self.raw.encode(part, bos=False, eos=False)
+        return ids
+
     def decode(self, token_ids: list[int]) -> str:
         return self.raw.decode(token_ids)
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
+    def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         try:
-            request = ChatCompletionRequest.from_openai(messages)
+            request = ChatCompletionRequest.from_openai(messages, tools=tools, **(template_kwargs or {}))
             return list(self.mistral.encode_chat_completion(request).tokens)
         except Exception as e:  # pydantic ValidationError, InvalidMessageStructureException, ...
             raise ChatTemplateError(str(e).splitlines()[0]) from e

@@ -147,7 +147,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> R
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_pending_requests: int = 128,
-               shutdown_engine: bool = True) -> FastAPI:
+               reasoning_content: bool = False, shutdown_engine: bool = True) -> FastAPI:
     metrics = ServerMetrics()
     started = int(time.time())
 
@@ -163,6 +163,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending_reques
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.admission = Admission(max_pending_requests, metrics)
+    app.state.reasoning_content = reasoning_content  # also send reasoning as `reasoning_content` (older clients)
     app.add_middleware(GatewayMiddleware, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(APIError)

@@ -21,6 +21,9 @@ class ServerConfig:
     enforce_eager: bool = False
     max_num_seqs: int | None = None
     allow_pickle: bool = False
+    tool_format: str | None = None
+    reasoning_format: str | None = None
+    reasoning_content: bool = False
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -63,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences the engine batches at once [CASCADE_MAX_NUM_SEQS] (default: vLLM's, 128 on CPU)")
     p.add_argument("--allow-pickle", action="store_true", default=_env("ALLOW_PICKLE", "0") == "1",
                    help="allow .bin/.pt checkpoints (pickle can run code) [CASCADE_ALLOW_PICKLE=1]")
+    p.add_argument("--tool-format", choices=["hermes", "mistral", "mistral-v11"], default=_env("TOOL_FORMAT"),
+                   help="how the model writes tool calls [CASCADE_TOOL_FORMAT] (default: the registry's)")
+    p.add_argument("--reasoning-format", choices=["think-tags", "mistral-think"], default=_env("REASONING_FORMAT"),
+                   help="how the model marks its thinking [CASCADE_REASONING_FORMAT] (default: the registry's)")
+    p.add_argument("--reasoning-content", action="store_true", default=_env("REASONING_CONTENT", "0") == "1",
+                   help="also send reasoning as `reasoning_content`, for clients written against vLLM < 0.17 "
+                        "[CASCADE_REASONING_CONTENT=1]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"],
                    help="log level [CASCADE_LOG_LEVEL] (default: %(default)s)")
     # argparse runs string defaults through `type`, so a bad CASCADE_PORT is reported like a bad --port.

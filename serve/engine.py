@@ -8,9 +8,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
+from models.registry import ModelSpec
 from models.tokenizers import ChatTokenizer
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Structured output: what the generated text must match (enforced by the engine's grammar backend)."""
+
+    kind: Literal["json", "regex", "choice", "grammar", "json_object"]
+    value: Any = None  # JSON Schema dict, regex, list of choices, grammar text; None for json_object
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class GenerationParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # False when a parser needs markers such as [THINK] in the text
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class EngineRequestError(ValueError):
 
 
 class Engine(Protocol):
+    spec: ModelSpec  # formats (chat, tools, reasoning) the routes need
     model_name: str
     max_model_len: int
     tokenizer: ChatTokenizer

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from models.tokenizers import ChatTemplateError
 from serve.app import Admission, cancel_on_disconnect, read_json_object
+from serve.chat import Piece, chat_full, chat_stream, make_plan, render_prompt, run_choices
 from serve.engine import (
     ChoiceDelta,
     Engine,
@@ -31,6 +33,7 @@ from serve.metrics import ServerMetrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _dumps(obj: Any) -> str:
@@ -216,19 +219,9 @@ def _echo_logprobs(prompt_ids: list[int], prompt_lp: list[TokenLogprob | None] |
 # chat
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    if req.tools is not None or req.tool_choice is not None:
-        raise APIError(400, "function calling (tools, tool_choice) is not supported by this server yet",
-                       param="tools", code="unsupported")
-    messages = []
-    for m in req.messages:
-        role = "system" if m.role == "developer" else m.role
-        messages.append({"role": role, "content": m.text()} | ({"name": m.name} if m.name else {}))
-    return messages
-
-
 def register_openai_routes(app: FastAPI) -> None:
     engine: Engine = app.state.engine
+    reasoning_content: bool = app.state.reasoning_content
     metrics: ServerMetrics = app.state.metrics
     admission: Admission = app.state.admission
 
@@ -236,8 +229,9 @@ def register_openai_routes(app: FastAPI) -> None:
     async def chat_completions(request: Request) -> Response:
         req: ChatCompletionRequest = _parse(ChatCompletionRequest, await read_json_object(request))
         check_model(engine, req.model)
+        plan = make_plan(req, engine.spec)
         try:
-            prompt_ids = await asyncio.to_thread(engine.tokenizer.encode_chat, chat_messages(req))
+            prompt_ids = await asyncio.to_thread(render_prompt, engine, req)
         except ChatTemplateError as e:
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
         max_tokens = budget_tokens(engine, len(prompt_ids), req.requested_max_tokens(), "messages")
@@ -245,14 +239,26 @@ def register_openai_routes(app: FastAPI) -> None:
         params = check_params(engine, generation_params(req, max_tokens, top))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": engine.model_name}
+
+        def generate(ids: list[int], p: GenerationParams, request_id: str) -> AsyncIterator[EngineOutput]:
+            return tracked(engine, metrics, "/v1/chat/completions", ids, p, request_id)
+
+        if plan.multi_segment and req.n > 1:  # plans that continue run per choice; seeds stay distinct
+            runs = [run_choices(generate, engine, plan, prompt_ids,
+                                dataclasses.replace(params, n=1, seed=None if req.seed is None else req.seed + i),
+                                f"{rid}-{i}", index=i) for i in range(req.n)]
+            pieces: AsyncIterator[Piece] = (piece async for _, piece in _merge(runs))
+        else:
+            pieces = run_choices(generate, engine, plan, prompt_ids, params, rid)
         admission.acquire()  # a 429 goes out before any response starts
-        outputs = tracked(engine, metrics, "/v1/chat/completions", prompt_ids, params, rid)
+        shape = dict(plan=plan, head=head, n=req.n, num_prompt=len(prompt_ids), logprobs=req.logprobs,
+                     reasoning_content=reasoning_content, logprobs_json=_chat_logprobs, usage=_usage)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await _stream_response(admission.release_after(_guard_stream(
-                _chat_stream(outputs, head, req.n, include_usage, req.logprobs))))
+                chat_stream(pieces, include_usage=include_usage, sse=_sse, **shape))))
         try:
-            return await cancel_on_disconnect(request, _chat_full(outputs, head, req.n, req.logprobs))
+            return await cancel_on_disconnect(request, chat_full(pieces, **shape))
         finally:
             admission.release()
 
@@ -284,58 +290,19 @@ def register_openai_routes(app: FastAPI) -> None:
             admission.release(len(streams))
 
 
-async def _chat_full(outputs: AsyncIterator[EngineOutput], head: dict[str, Any], n: int, logprobs: bool
-                     ) -> Response:
-    states = [ChoiceState() for _ in range(n)]
-    num_prompt = 0
-    async for out in outputs:
-        num_prompt = out.num_prompt_tokens
-        for c in out.choices:
-            states[c.index].add(c)
-    choices = [{"index": i, "message": {"role": "assistant", "content": s.text},
-                "logprobs": _chat_logprobs(s.logprobs) if logprobs else None, "finish_reason": s.finish_reason}
-               for i, s in enumerate(states)]
-    return JSONResponse(head | {"object": "chat.completion", "choices": choices, "system_fingerprint": None,
-                                "usage": _usage(num_prompt, sum(len(s.token_ids) for s in states))})
-
-
-async def _chat_stream(outputs: AsyncIterator[EngineOutput], head: dict[str, Any], n: int, include_usage: bool,
-                       logprobs: bool) -> AsyncIterator[str]:
-    base = head | {"object": "chat.completion.chunk", "system_fingerprint": None}
-    if include_usage:
-        base["usage"] = None  # OpenAI sends usage: null on every chunk, then one usage chunk
-    for i in range(n):
-        yield _sse(base | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
-    num_prompt = 0
-    num_completion = 0
-    async for out in outputs:
-        num_prompt = out.num_prompt_tokens
-        for c in out.choices:
-            num_completion += len(c.token_ids)
-            if not c.text and c.finish_reason is None:
-                continue  # e.g. half a UTF-8 character: nothing to show yet
-            choice = {"index": c.index, "delta": {"content": c.text} if c.text else {},
-                      "logprobs": _chat_logprobs(c.logprobs) if logprobs and c.logprobs else None,
-                      "finish_reason": _finish_reason(c.finish_reason) if c.finish_reason else None}
-            yield _sse(base | {"choices": [choice]})
-    if include_usage:
-        yield _sse(base | {"choices": [], "usage": _usage(num_prompt, num_completion)})
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # completions
 
 
-async def _merge(streams: list[AsyncIterator[EngineOutput]]) -> AsyncIterator[tuple[int, EngineOutput]]:
-    """Interleave the outputs of several prompts' requests as they arrive."""
+async def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several async streams (a batch's prompts, a request's choices) as items arrive."""
     if len(streams) == 1:
         async for out in streams[0]:
             yield 0, out
         return
-    queue: asyncio.Queue[tuple[int, EngineOutput | BaseException | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, T | BaseException | None]] = asyncio.Queue()
 
-    async def pump(i: int, stream: AsyncIterator[EngineOutput]) -> None:
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
         try:
             async for out in stream:
                 await queue.put((i, out))

@@ -15,6 +15,7 @@ from models.registry import ModelSpec
 from models.tokenizers import load_tokenizer
 from serve.engine import (
     ChoiceDelta,
+    Constraint,
     EngineDeadError,
     EngineOutput,
     EngineRequestError,
@@ -45,6 +46,7 @@ class VLLMEngine:
         self._defaults: dict[str, Any] = {}
 
     async def start(self) -> None:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -57,6 +59,9 @@ class VLLMEngine:
             enforce_eager=self.settings.enforce_eager,
             max_num_seqs=self.settings.max_num_seqs,
             seed=self.settings.seed,
+            # xgrammar (vLLM's default backend; `grammar` is its EBNF), with compact JSON: with free whitespace a
+            # small model pads values with blanks or newlines until max_tokens. vLLM reads this only engine-wide.
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
         log.info("starting vLLM engine for %s (%s); the first start compiles with torch inductor, "
                  "later starts reuse the cache", self.spec.name, self.spec.checkpoint_dir)
@@ -97,6 +102,8 @@ class VLLMEngine:
                 ignore_eos=p.ignore_eos,
                 min_tokens=p.min_tokens,
                 include_stop_str_in_output=p.include_stop_str_in_output,
+                skip_special_tokens=p.skip_special_tokens,
+                structured_outputs=_structured(p.constraint),
                 output_kind=RequestOutputKind.DELTA,
                 **{k: v for k, v in sampling.items() if v is not None},
             )
@@ -169,6 +176,16 @@ def _heartbeat(message: str, every_s: float = 15.0) -> Iterator[None]:
     finally:
         done.set()
         log.info("engine started in %.1f s", time.monotonic() - start)
+
+
+def _structured(c: Constraint | None) -> Any:
+    if c is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if c.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(**{c.kind: c.value})
 
 
 def _choice(c: Any, k: int) -> ChoiceDelta:

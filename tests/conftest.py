@@ -71,9 +71,15 @@ def tiny_mistral() -> ModelSpec:
 
 @pytest.fixture(scope="session")
 def server(smollm2: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """The default model on the real vLLM engine, with an API key and a small admission limit."""
+    """The default model on the real vLLM engine, with an API key and a small admission limit.
+
+    SmolLM2 is not a reasoning model; the `<think>` parser is switched on so that reasoning tests run on real
+    weights (structured outputs force a thinking section). Outputs without tags pass through unchanged.
+    `--reasoning-content` also sends the thinking under its pre-0.17 vLLM name.
+    """
     s = start_server(smollm2, tmp_path_factory.mktemp("server"), "--max-model-len", "2048",
-                     "--max-pending-requests", "8", api_key="test-key")
+                     "--max-pending-requests", "8", "--reasoning-format", "think-tags", "--reasoning-content",
+                     api_key="test-key")
     yield s
     stop_server(s)
 
@@ -82,5 +88,15 @@ def server(smollm2: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def tiny_server(tiny_mistral: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """A tiny Mistral model (Tekken tokenizer, mistral_common prompts) with auth off."""
     s = start_server(tiny_mistral, tmp_path_factory.mktemp("tiny"), "--max-model-len", "1024")
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def ministral_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Tiny Ministral 3 with a Tekken v13 tokenizer: [THINK] reasoning and v11 `[TOOL_CALLS]name[ARGS]` calls."""
+    spec = get_model("tiny-ministral3")
+    prepare(spec)
+    s = start_server(spec, tmp_path_factory.mktemp("ministral"), "--max-model-len", "1024", "--enforce-eager")
     yield s
     stop_server(s)

@@ -237,7 +237,6 @@ BAD_BODIES = [
     ({"model": MODEL, "messages": FRANCE, "stream_options": {"include_usage": True}}, None),
     ({"model": MODEL, "messages": FRANCE, "top_logprobs": 2}, None),
     ({"model": MODEL, "messages": FRANCE, "top_logprobs": 99, "logprobs": True}, "top_logprobs"),
-    ({"model": MODEL, "messages": FRANCE, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"model": MODEL, "messages": FRANCE, "max_tokens": 4000}, "messages"),
 ]
 

@@ -50,22 +50,12 @@ def test_token_id_prompts_and_stream(tiny_server: RunningServer) -> None:
     assert streamed == {c.index: c.text for c in full.choices}
 
 
-def test_tiny_ministral3_serves(tmp_path) -> None:
-    """Ministral3ForCausalLM (YaRN rope, Tekken) loads in vLLM and generates."""
-    from models.prepare import prepare
-    from models.registry import get_model
-    from tests.conftest import start_server, stop_server
-
-    spec = get_model("tiny-ministral3")
-    prepare(spec)
-    server = start_server(spec, tmp_path, "--max-model-len", "512", "--enforce-eager")
-    try:
-        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
-        r = client.completions.create(model=spec.name, prompt=[1, 22, 333, 4444], max_tokens=4, temperature=0,
-                                      extra_body={"ignore_eos": True})
-        assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
-    finally:
-        stop_server(server)
+def test_tiny_ministral3_serves(ministral_server: RunningServer) -> None:
+    """Ministral3ForCausalLM (YaRN rope, Tekken v13) loads in vLLM and generates."""
+    client = openai.OpenAI(base_url=f"{ministral_server.base_url}/v1", api_key="unused", max_retries=0)
+    r = client.completions.create(model="tiny-ministral3", prompt=[1, 22, 333, 4444], max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
 
 
 def test_dead_engine_reported(tiny_server: RunningServer) -> None:
