@@ -46,6 +46,7 @@ class ChatPlan:
     tools: ToolFormat | None  # None: do not look for calls (no tools, or tool_choice "none")
     forced: tuple[ForcedStep, ...] = ()  # tool_choice required / named
     constraint: Constraint | None = None  # response_format, structured_outputs, guided_*
+    constraint_param: str | None = None  # which of those fields it came from (for 400s)
     budget: int | None = None  # max thinking tokens (None: no limit)
     # The server opens the thinking, ends it at the budget and writes the answer's prefix/constraint after it. Only
     # when the request asks (reasoning_effort or a budget): otherwise a constraint applies from the first token.
@@ -60,7 +61,7 @@ class ChatPlan:
         return self.steer_thinking or len(self.forced) > 1
 
 
-def _constraint(req: ChatCompletionRequest) -> Constraint | None:
+def _constraint(req: ChatCompletionRequest) -> tuple[str, Constraint] | None:
     found: list[tuple[str, Constraint]] = []
     rf = req.response_format
     if rf is not None and rf.type == "json_object":
@@ -81,13 +82,14 @@ def _constraint(req: ChatCompletionRequest) -> Constraint | None:
     if len(found) > 1:
         raise APIError(400, f"only one output constraint per request; got {', '.join(n for n, _ in found)}",
                        param=found[1][0], code="invalid_value")
-    return found[0][1] if found else None
+    return found[0] if found else None
 
 
 def make_plan(req: ChatCompletionRequest, spec: ModelSpec) -> ChatPlan:
     check_tool_request(req, spec, spec.tool_format)
     choice = tool_choice(req)
-    constraint = _constraint(req)
+    found = _constraint(req)
+    constraint_param, constraint = found if found else (None, None)
     calling = bool(req.tools) and choice != "none"
     if constraint is not None and calling:
         raise APIError(400, "response_format / structured outputs cannot be combined with tool calling; "
@@ -111,7 +113,7 @@ def make_plan(req: ChatCompletionRequest, spec: ModelSpec) -> ChatPlan:
         assert spec.tool_format is not None and req.tools
         forced = tuple(forced_call_steps(spec.tool_format, req.tools, choice, parallel))
     return ChatPlan(reasoning=spec.reasoning_format, tools=spec.tool_format if calling else None, forced=forced,
-                    constraint=constraint, budget=budget, steer_thinking=steer,
+                    constraint=constraint, constraint_param=constraint_param, budget=budget, steer_thinking=steer,
                     named_choice=isinstance(choice, NamedToolChoice), parallel_tool_calls=parallel,
                     include_reasoning=req.include_reasoning,
                     tool_defs=tuple(req.tools or ()))

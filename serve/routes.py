@@ -237,6 +237,12 @@ def register_openai_routes(app: FastAPI) -> None:
         max_tokens = budget_tokens(engine, len(prompt_ids), req.requested_max_tokens(), "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = check_params(engine, generation_params(req, max_tokens, top))
+        if plan.constraint is not None:  # a regex or schema the grammar backend cannot compile: 400 now
+            try:
+                engine.check_params(dataclasses.replace(params, constraint=plan.constraint))
+            except EngineRequestError as e:
+                raise APIError(400, f"{plan.constraint_param}: {e}", param=plan.constraint_param,
+                               code="invalid_value") from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": engine.model_name}
 

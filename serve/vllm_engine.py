@@ -138,7 +138,15 @@ class VLLMEngine:
 
     def check_params(self, params: GenerationParams) -> None:
         """Raise EngineRequestError for what vLLM would refuse, before any response starts."""
-        self._sampling_params(params)
+        sampling = self._sampling_params(params)
+        if params.constraint is not None:  # a bad regex/grammar/schema: 400 now, not an error event mid-stream
+            from vllm.exceptions import VLLMClientError
+            from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
+
+            try:
+                validate_xgrammar_grammar(sampling)
+            except (ValueError, VLLMClientError) as e:
+                raise EngineRequestError(str(e)) from None
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

@@ -244,6 +244,9 @@ BAD = [
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
     ({"response_format": {"type": "json_object"}, "tools": [FN]}, "response_format"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    # the grammar backend refuses these: 400 before any response starts, even when streaming
+    ({"structured_outputs": {"regex": "("}, "stream": True}, "structured_outputs"),
+    ({"guided_grammar": "root ::= nonsense ("}, "guided_grammar"),
     ({"max_reasoning_tokens": 5, "thinking_token_budget": 5}, "thinking_token_budget"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),
