@@ -63,16 +63,6 @@ class ParsedDelta:
     def __bool__(self) -> bool:
         return bool(self.reasoning or self.content or self.tool_calls)
 
-    def extend(self, other: ParsedDelta) -> None:
-        self.reasoning += other.reasoning
-        self.content += other.content
-        for call in other.tool_calls:
-            last = self.tool_calls[-1] if self.tool_calls else None
-            if last is not None and last.index == call.index and call.id is None:
-                last.arguments += call.arguments
-            else:
-                self.tool_calls.append(ToolCallDelta(call.index, call.id, call.name, call.arguments))
-
 
 @dataclass
 class ToolCall:
@@ -266,7 +256,10 @@ class OutputParser:
 
     @property
     def last_tool_name(self) -> str | None:
-        return self.name_buf.strip() or None if self.tool_format == "mistral-v11" else None
+        """The name of the latest v11 call (a forced call picks its arguments' schema by it)."""
+        if self.tool_format != "mistral-v11":
+            return None
+        return self.name_buf.strip() or None
 
     def feed(self, text: str) -> ParsedDelta:
         out = ParsedDelta()
@@ -322,7 +315,7 @@ class OutputParser:
             return False
         self._emit_text(out, self.buf[:pos])
         self.buf = self.buf[pos + len(hit):]
-        self._on_marker(out, hit)
+        self._on_marker(hit)
         return True
 
     def _emit_text(self, out: ParsedDelta, text: str) -> None:
@@ -341,7 +334,7 @@ class OutputParser:
         else:
             out.reasoning += body
 
-    def _on_marker(self, out: ParsedDelta, marker: str) -> None:
+    def _on_marker(self, marker: str) -> None:
         if marker == self.tool_start:
             self.held_ws = ""  # whitespace-only text before a call is not content
             self.strip_leading = False
@@ -395,7 +388,8 @@ class OutputParser:
         if m == V11_CALL_ID:
             j = buf.find(V11_ARGS, i)
             if j == -1:
-                return False  # wait for [ARGS]
+                self.buf = buf[i:]  # wait for [ARGS], keeping the call id (the name is taken)
+                return False
             self.buf = buf[j + len(V11_ARGS):]
         else:
             self.buf = buf[i + len(m):] if m == V11_ARGS else buf[i:]
