@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP = 16
@@ -79,7 +80,17 @@ def check_json_schema(schema: Any) -> dict[str, Any]:
     return schema
 
 
-JsonSchemaDict = Annotated[dict[str, Any], AfterValidator(check_json_schema)]
+def _json_text(value: Any) -> Any:
+    """vLLM's guided_json also takes the schema as a JSON string."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError("must be a JSON Schema object or its JSON text") from None
+    return value
+
+
+JsonSchemaDict = Annotated[dict[str, Any], BeforeValidator(_json_text), AfterValidator(check_json_schema)]
 
 
 class JsonSchemaFormat(BaseModel):

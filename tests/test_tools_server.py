@@ -169,8 +169,10 @@ def test_legacy_guided_fields_are_enforced(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model=MODEL, max_tokens=10, messages=ASK,
                                        extra_body={"guided_choice": ["sunny", "rainy"]})
     assert r.choices[0].message.content in ("sunny", "rainy")
-    r = client.chat.completions.create(model=MODEL, max_tokens=60, messages=ASK, extra_body={"guided_json": PERSON})
-    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    for schema in (PERSON, json.dumps(PERSON)):  # vLLM also took the schema as JSON text
+        r = client.chat.completions.create(model=MODEL, max_tokens=60, messages=ASK,
+                                           extra_body={"guided_json": schema})
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
     r = client.chat.completions.create(model=MODEL, max_tokens=10, messages=ASK,
                                        extra_body={"guided_regex": "[0-9]{3}"})
     assert len(r.choices[0].message.content) == 3 and r.choices[0].message.content.isdigit()
@@ -247,6 +249,7 @@ BAD = [
     # the grammar backend refuses these: 400 before any response starts, even when streaming
     ({"structured_outputs": {"regex": "("}, "stream": True}, "structured_outputs"),
     ({"guided_grammar": "root ::= nonsense ("}, "guided_grammar"),
+    ({"guided_json": "{not json"}, "guided_json"),
     ({"max_reasoning_tokens": 5, "thinking_token_budget": 5}, "thinking_token_budget"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),
