@@ -34,16 +34,16 @@ HERMES_END = "</tool_call>"
 V11_ARGS = "[ARGS]"
 V11_CALL_ID = "[CALL_ID]"
 _ARGUMENT_KEYS = ("arguments", "parameters")
-_ALNUM = string.ascii_letters + string.digits
+ALNUM = string.ascii_letters + string.digits  # the alphabet of tool-call ids
 
 
 def mistral_tool_call_id() -> str:
     """Mistral's format: 9 random alphanumerics (mistral_common rejects other ids in the history)."""
-    return "".join(secrets.choice(_ALNUM) for _ in range(9))
+    return "".join(secrets.choice(ALNUM) for _ in range(9))
 
 
 def openai_tool_call_id() -> str:
-    return "call_" + "".join(secrets.choice(_ALNUM) for _ in range(24))
+    return "call_" + "".join(secrets.choice(ALNUM) for _ in range(24))
 
 
 @dataclass
@@ -59,9 +59,6 @@ class ParsedDelta:
     reasoning: str = ""
     content: str = ""
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.reasoning or self.content or self.tool_calls)
 
 
 @dataclass

@@ -15,10 +15,8 @@ from typing import Any
 from models.registry import ModelSpec, ToolFormat
 from serve.engine import Constraint
 from serve.errors import APIError
-from serve.parsers import HERMES_END, TOOL_START, V11_ARGS
+from serve.parsers import ALNUM, HERMES_END, TOOL_START, V11_ARGS
 from serve.protocol import ChatCompletionRequest, NamedToolChoice, Tool
-
-_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
 def tool_choice(req: ChatCompletionRequest) -> str | NamedToolChoice:
@@ -51,7 +49,7 @@ def mistral_call_id(call_id: str) -> str:
     if len(call_id) == 9 and call_id.isascii() and call_id.isalnum():
         return call_id
     digest = hashlib.sha256(call_id.encode()).digest()
-    return "".join(_ALNUM[b % len(_ALNUM)] for b in digest[:9])
+    return "".join(ALNUM[b % len(ALNUM)] for b in digest[:9])
 
 
 def tools_for_template(tools: list[Tool]) -> list[dict[str, Any]]:

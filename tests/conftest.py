@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,23 @@ def start_server(spec: ModelSpec, tmp: Path, *args: str, api_key: str | None = N
 
 def stop_server(server: RunningServer) -> None:
     stop(server.proc)
+
+
+class LocalRenderer:
+    """The two engine attributes `serve.chat.render_prompt` reads, to render here what a server renders."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from models.tokenizers import load_tokenizer
+
+        self.spec = spec
+        self.tokenizer = load_tokenizer(spec)
+
+    def prompt(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
+        from serve.chat import render_prompt
+        from serve.protocol import ChatCompletionRequest
+
+        req = ChatCompletionRequest.model_validate({"model": self.spec.name, "messages": messages} | extra)
+        return render_prompt(self, req)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

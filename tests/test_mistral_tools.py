@@ -12,10 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from models.tokenizers import load_tokenizer
-from serve.chat import render_prompt
-from serve.protocol import ChatCompletionRequest
-from tests.conftest import RunningServer
+from tests.conftest import LocalRenderer, RunningServer
 from tests.test_tools_server import assemble
 
 pytestmark = pytest.mark.server
@@ -40,19 +37,6 @@ def client_for(server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-class _Local:
-    """What render_prompt reads from an engine, built here to compare with what the server counted."""
-
-    def __init__(self, server: RunningServer) -> None:
-        self.spec = server.spec
-        self.tokenizer = load_tokenizer(server.spec)
-
-
-def local_prompt(server: RunningServer, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
-    req = ChatCompletionRequest.model_validate({"model": server.spec.name, "messages": messages} | extra)
-    return render_prompt(_Local(server), req)  # type: ignore[arg-type]
-
-
 def check_calls(message: Any) -> None:
     assert message.tool_calls, message
     for call in message.tool_calls:
@@ -63,8 +47,9 @@ def check_calls(message: Any) -> None:
 @pytest.mark.parametrize("fixture", ["tiny_server", "ministral_server"])
 def test_prompt_carries_mistral_tool_tokens(fixture: str, request: pytest.FixtureRequest) -> None:
     server: RunningServer = request.getfixturevalue(fixture)
-    ids = local_prompt(server, HISTORY, tools=TOOLS)
-    tok = _Local(server).tokenizer
+    local = LocalRenderer(server.spec)
+    ids = local.prompt(HISTORY, tools=TOOLS)
+    tok = local.tokenizer
     specials = {name: tok.encode_piece(name)[0] for name in ("[AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]")}
     assert all(tid in ids for tid in specials.values()), specials
     if server.spec.reasoning_format == "mistral-think":  # earlier thinking goes back in as [THINK]...[/THINK]

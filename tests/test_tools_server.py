@@ -10,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import RunningServer
+from tests.conftest import LocalRenderer, RunningServer
 
 pytestmark = pytest.mark.server
 
@@ -121,17 +121,9 @@ def test_tool_round_trip(client: openai.OpenAI, server: RunningServer) -> None:
     final = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=40)
     assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
     # the history is in the prompt: the tool's result and the assistant's call were rendered
-    from models.tokenizers import load_tokenizer
-    from serve.chat import render_prompt
-    from serve.protocol import ChatCompletionRequest
-
-    class _Local:  # the two engine attributes render_prompt reads
-        spec = server.spec
-        tokenizer = load_tokenizer(server.spec)
-
-    req = ChatCompletionRequest.model_validate({"model": MODEL, "messages": history, "tools": TOOLS})
-    ids = render_prompt(_Local(), req)  # type: ignore[arg-type]
-    text = _Local.tokenizer.decode(ids)
+    local = LocalRenderer(server.spec)
+    ids = local.prompt(history, tools=TOOLS)
+    text = local.tokenizer.decode(ids)
     assert "<tool_response>" in text and '"temperature": 21' in text and "<tool_call>" in text
     assert '"name": "get_weather"' in text and "<tools>" in text
     assert final.usage.prompt_tokens == len(ids)
