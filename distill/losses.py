@@ -1,0 +1,130 @@
+"""Distillation losses on logits, computed chunk by chunk over tokens so [tokens x vocab] never exists whole.
+
+forward KL(teacher || student) is the default (Ministral 3, Minitron: logits-only forward KL beat every mix with
+cross-entropy). Reverse KL and generalized JSD(beta) follow TRL's GKD conventions (no tau^2 factor). The loss is a
+sum over unmasked tokens divided by their number, so it does not depend on batch shape or chunking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    divergence: Divergence = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5  # JSD only: the mixture is beta * teacher + (1 - beta) * student
+    kd_weight: float = 1.0  # 0 gives plain cross-entropy training (the from-scratch baseline)
+    ce_weight: float = 0.0
+    chunk_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.divergence == "jsd" and not 0 < self.beta < 1:
+            raise ValueError(f"jsd needs 0 < beta < 1, got {self.beta} (beta 0 is forward KL, 1 reverse KL)")
+        if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight must be >= 0 and not both 0")
+        if self.chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be >= 1")
+
+
+class VocabMismatchError(ValueError):
+    pass
+
+
+def shared_vocab(student_vocab: int, teacher_vocab: int) -> int:
+    """Teachers may pad their vocabulary past the student's (Qwen2.5 151936 vs 152064); compare the shared range."""
+    if teacher_vocab < student_vocab:
+        raise VocabMismatchError(
+            f"teacher vocabulary ({teacher_vocab}) is smaller than the student's ({student_vocab})"
+        )
+    return student_vocab
+
+
+def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: Divergence,
+                     temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """Per-token divergence [N] between the two distributions (fp32 math), teacher truncated to the student vocab."""
+    vocab = shared_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits[..., :vocab].float() / temperature, dim=-1)
+    if divergence == "forward_kl":
+        return (t.exp() * (t - s)).sum(-1)
+    if divergence == "reverse_kl":
+        return (s.exp() * (s - t)).sum(-1)
+    log_m = torch.logsumexp(torch.stack([s + torch.log1p(torch.tensor(-beta)), t + torch.log(torch.tensor(beta))]), 0)
+    kl_t = (t.exp() * (t - log_m)).sum(-1)
+    kl_s = (s.exp() * (s - log_m)).sum(-1)
+    return beta * kl_t + (1 - beta) * kl_s
+
+
+def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Tensor | None,
+                 teacher_w: torch.Tensor | None, labels: torch.Tensor, config: LossConfig,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over one chunk of tokens: (weighted loss, divergence, cross-entropy).
+
+    The teacher's logits are made here, not passed in: checkpointing keeps a chunk's inputs until the backward
+    pass, and [chunk x vocab] teacher logits kept for every chunk would be the full matrix again.
+    """
+    logits = h @ weight.T
+    mask = labels != IGNORE_INDEX
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if teacher_h is None or teacher_w is None:
+        div = torch.zeros((), device=h.device)
+    else:
+        with torch.no_grad():
+            teacher = teacher_h @ teacher_w.T
+        div = (token_divergence(logits, teacher, config.divergence, config.temperature, config.beta) * mask).sum()
+    return config.kd_weight * div + config.ce_weight * ce, div.detach(), ce.detach()
+
+
+def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor, config: LossConfig,
+                 teacher_hidden: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss from final hidden states and LM heads, one chunk of `config.chunk_tokens` tokens at a time.
+
+    student_hidden [N, d], labels [N] (IGNORE_INDEX masks a token), teacher_hidden [N, d_t]. Each chunk's student
+    logits are recomputed in the backward pass (activation checkpointing) and the teacher's exist only inside the
+    chunk, so peak memory is O(chunk x vocab) instead of O(N x vocab). Returns (loss, metrics per unmasked token).
+    """
+    if config.kd_weight > 0 and (teacher_hidden is None or teacher_head is None):
+        raise ValueError("a distillation loss needs the teacher's hidden states and head")
+    count = (labels != IGNORE_INDEX).sum().clamp_min(1)
+    total = torch.zeros((), device=student_hidden.device)
+    div_sum = torch.zeros((), device=student_hidden.device)
+    ce_sum = torch.zeros((), device=student_hidden.device)
+    for start in range(0, labels.shape[0], config.chunk_tokens):
+        part = slice(start, start + config.chunk_tokens)
+        teacher_h = teacher_hidden[part].detach() if config.kd_weight > 0 else None
+        teacher_w = teacher_head.detach() if config.kd_weight > 0 else None
+        args = (student_hidden[part], student_head, teacher_h, teacher_w, labels[part], config)
+        if torch.is_grad_enabled() and student_hidden.requires_grad:
+            loss, div, ce = checkpoint(_chunk_terms, *args, use_reentrant=False)
+        else:
+            loss, div, ce = _chunk_terms(*args)
+        total = total + loss
+        div_sum += div
+        ce_sum += ce
+    return total / count, {"kd": div_sum / count, "ce": ce_sum / count, "tokens": count}
+
+
+def reference_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+                   config: LossConfig) -> torch.Tensor:
+    """The same loss computed in one piece from full logits: the test oracle and the naive baseline."""
+    mask = labels != IGNORE_INDEX
+    count = mask.sum().clamp_min(1)
+    ce = F.cross_entropy(student_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    div = torch.zeros(())
+    if teacher_logits is not None and config.kd_weight > 0:
+        div = (token_divergence(student_logits, teacher_logits, config.divergence, config.temperature, config.beta)
+               * mask).sum()
+    return (config.kd_weight * div + config.ce_weight * ce) / count

@@ -1,0 +1,81 @@
+"""Load and save the decoder checkpoints that distillation reads and writes (safetensors only)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from models.checkpoint import atomic_directory, check_checkpoint
+
+StateDict = dict[str, torch.Tensor]
+
+# Files that describe the tokenizer and chat format; a child checkpoint copies them from its parent unchanged.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tekken.json",
+    "tokenizer.model", "generation_config.json",
+)
+SUPPORTED_TYPES = ("llama", "mistral", "ministral3", "qwen2")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def load_config(path: Path) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(check_checkpoint(path))
+    if config.model_type not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(
+            f"{path}: model_type {config.model_type!r} is not a supported decoder ({', '.join(SUPPORTED_TYPES)})"
+        )
+    return config
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    load_config(path)  # refuses unsupported architectures before reading weights
+    model = AutoModelForCausalLM.from_pretrained(check_checkpoint(path), dtype=dtype)
+    model.config.use_cache = False
+    return model
+
+
+def model_from_state(config: PretrainedConfig, state: StateDict, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Build a model for `config` and load `state` strictly (the tied head may be absent from `state`)."""
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"state does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.config.use_cache = False
+    return model
+
+
+def plain_state(model: PreTrainedModel) -> StateDict:
+    """Detached copy of the weights, without the tied head (it is the embedding)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def copy_tokenizer(source: Path, dest: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+
+
+def save_model(model: PreTrainedModel, out: Path, tokenizer_from: Path, extra_files: dict[str, str] | None = None,
+               recipe: str = "distill") -> Path:
+    """Write config + safetensors + the parent's tokenizer files into `out`, atomically."""
+    with atomic_directory(out, recipe) as tmp:
+        model.config.use_cache = True
+        model.save_pretrained(tmp, safe_serialization=True)
+        model.config.use_cache = False
+        copy_tokenizer(tokenizer_from, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out

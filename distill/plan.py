@@ -1,0 +1,139 @@
+"""Turn a target (explicit dims or a parameter count) into a child architecture, and prune a parent into it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from transformers import PretrainedConfig
+
+from distill.model_io import StateDict
+from distill.prune import drop_layers, heads_to_keep, pca_rotation, rotate_hidden, slice_ffn, slice_heads
+
+Axis = Literal["num_hidden_layers", "hidden_size", "intermediate_size"]
+LayerScore = Literal["block_importance", "layer_norm_ratio"]
+FfnScore = Literal["ffn_mean_abs", "ffn_l2_mean"]
+ROUND_TO = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    num_hidden_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> Architecture:
+        return cls(
+            num_hidden_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            vocab_size=config.vocab_size,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    @property
+    def params(self) -> int:
+        """Exact parameter count of a bias-free Llama/Mistral decoder with these dims."""
+        d, hd = self.hidden_size, self.head_dim
+        attn = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        mlp = 3 * d * self.intermediate_size
+        per_layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embed + d
+
+    def describe(self) -> str:
+        return (f"{self.num_hidden_layers} layers, hidden {self.hidden_size}, FFN {self.intermediate_size}, "
+                f"heads {self.num_attention_heads}/{self.num_key_value_heads} x {self.head_dim}, "
+                f"vocab {self.vocab_size}{' (tied)' if self.tie_word_embeddings else ''}: "
+                f"{self.params / 1e6:.1f}M params")
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return asdict(self)
+
+
+class PlanError(ValueError):
+    pass
+
+
+def plan_architecture(parent: Architecture, dims: dict[str, int] | None = None, params: int | None = None,
+                      axes: tuple[Axis, ...] = ("intermediate_size", "hidden_size")) -> Architecture:
+    """Fixed `dims` first; then, for a parameter target, shrink `axes` by one common factor found by bisection.
+
+    Width before depth by default (Minitron: width-pruned children recover better at equal tokens). The result is
+    the largest architecture on the rounding grid whose parameter count does not exceed `params`.
+    """
+    fields = parent.as_dict()
+    for key, value in (dims or {}).items():
+        if key not in fields or key in ("vocab_size", "tie_word_embeddings", "head_dim"):
+            raise PlanError(f"cannot set {key!r}; prunable dims: num_hidden_layers, hidden_size, intermediate_size, "
+                            "num_attention_heads, num_key_value_heads")
+        if not 0 < value <= fields[key]:
+            raise PlanError(f"{key}={value} must be between 1 and the parent's {fields[key]}")
+        fields[key] = value
+    base = Architecture(**fields)
+    if base.num_attention_heads % base.num_key_value_heads:
+        raise PlanError(f"num_attention_heads {base.num_attention_heads} must be a multiple of "
+                        f"num_key_value_heads {base.num_key_value_heads}")
+    if params is None:
+        return base
+    if params >= base.params:
+        raise PlanError(f"target {params / 1e6:.1f}M params is not below {base.params / 1e6:.1f}M ({base.describe()})")
+    free = [a for a in axes if a not in (dims or {})]
+    if not free:
+        raise PlanError("a parameter target needs at least one axis that is not fixed explicitly")
+
+    def shrink(factor: float) -> Architecture:
+        values = dict(base.as_dict())
+        for axis in free:
+            step = ROUND_TO[axis]
+            values[axis] = max(step, int(base.as_dict()[axis] * factor) // step * step)
+        return Architecture(**values)
+
+    smallest = shrink(0.0)
+    if smallest.params > params:
+        raise PlanError(f"target {params / 1e6:.1f}M params is below the smallest child reachable by shrinking "
+                        f"{', '.join(free)} ({smallest.describe()})")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if shrink(mid).params <= params:
+            lo = mid
+        else:
+            hi = mid
+    return shrink(lo)
+
+
+def prune_to(config: PretrainedConfig, state: StateDict, stats: dict[str, torch.Tensor], target: Architecture,
+             layer_score: LayerScore = "block_importance", ffn_score: FfnScore = "ffn_mean_abs",
+             untie: bool = False) -> tuple[PretrainedConfig, StateDict]:
+    """Apply every needed cut, each by its importance statistic: layers, heads, FFN channels, then hidden size."""
+    parent = Architecture.of(config)
+    if target.vocab_size != parent.vocab_size or target.head_dim != parent.head_dim:
+        raise PlanError("vocab_size and head_dim cannot be pruned")
+    keep_layers = list(range(parent.num_hidden_layers))
+    if target.num_hidden_layers < parent.num_hidden_layers:
+        scores = stats[layer_score]
+        keep_layers = sorted(scores.topk(target.num_hidden_layers).indices.tolist())
+        config, state = drop_layers(config, state, keep_layers)
+    if (target.num_attention_heads, target.num_key_value_heads) != (parent.num_attention_heads,
+                                                                    parent.num_key_value_heads):
+        keep = heads_to_keep(stats["head_norm"][keep_layers], config, target.num_attention_heads,
+                             target.num_key_value_heads)
+        config, state = slice_heads(config, state, keep)
+    if target.intermediate_size < parent.intermediate_size:
+        keep = [row.topk(target.intermediate_size).indices for row in stats[ffn_score][keep_layers]]
+        config, state = slice_ffn(config, state, keep)
+    if target.hidden_size < parent.hidden_size:
+        rotation = pca_rotation(stats["hidden_second_moment"], target.hidden_size)
+        config, state = rotate_hidden(config, state, rotation, untie=untie)
+    return config, state
