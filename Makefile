@@ -7,6 +7,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+RECIPE ?= distill/recipes/smollm2-cascade.yaml
+NPROC ?= 1
+DISTILL_ARGS ?=
 STAMP := $(VENV)/.installed-$(DEVICE)
 CONSTRAINTS := $(wildcard constraints/$(DEVICE).txt)
 
@@ -17,7 +20,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install model serve test lint bench-serve clean
+.PHONY: install model serve test lint bench-serve distill bench-distill clean
 
 install: $(STAMP)
 
@@ -46,6 +49,15 @@ test: lint
 
 bench-serve: model
 	$(PY) -m serve.bench --model $(MODEL) $(BENCH_ARGS)
+
+# Cascade distillation: prune -> distill -> evaluate -> register, per stage of $(RECIPE). NPROC>1 uses torchrun
+# with FSDP2 (gloo on CPU, NCCL on GPUs). Re-running skips finished steps and resumes training from checkpoints.
+distill: $(STAMP)
+ifeq ($(NPROC),1)
+	$(PY) -m distill cascade $(RECIPE) $(DISTILL_ARGS)
+else
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m distill cascade $(RECIPE) $(DISTILL_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

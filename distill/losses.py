@@ -7,35 +7,33 @@ sum over unmasked tokens divided by their number, so it does not depend on batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.checkpoint import checkpoint
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class LossConfig:
+class LossConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
     divergence: Divergence = "forward_kl"
-    temperature: float = 1.0
+    temperature: float = Field(1.0, gt=0)
     beta: float = 0.5  # JSD only: the mixture is beta * teacher + (1 - beta) * student
-    kd_weight: float = 1.0  # 0 gives plain cross-entropy training (the from-scratch baseline)
-    ce_weight: float = 0.0
-    chunk_tokens: int = 512
+    kd_weight: float = Field(1.0, ge=0)  # 0 gives plain cross-entropy training (the from-scratch baseline)
+    ce_weight: float = Field(0.0, ge=0)
+    chunk_tokens: int = Field(512, ge=1)
 
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+    @model_validator(mode="after")
+    def _check(self) -> LossConfig:
         if self.divergence == "jsd" and not 0 < self.beta < 1:
             raise ValueError(f"jsd needs 0 < beta < 1, got {self.beta} (beta 0 is forward KL, 1 reverse KL)")
-        if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
-            raise ValueError("kd_weight and ce_weight must be >= 0 and not both 0")
-        if self.chunk_tokens < 1:
-            raise ValueError("chunk_tokens must be >= 1")
+        if self.kd_weight + self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight cannot both be 0")
+        return self
 
 
 class VocabMismatchError(ValueError):
@@ -75,14 +73,15 @@ def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Tensor 
     The teacher's logits are made here, not passed in: checkpointing keeps a chunk's inputs until the backward
     pass, and [chunk x vocab] teacher logits kept for every chunk would be the full matrix again.
     """
-    logits = h @ weight.T
+    with torch.autocast(h.device.type, enabled=False):  # bf16 logits would put noise of ~1% into the KL
+        logits = h.float() @ weight.float().T
     mask = labels != IGNORE_INDEX
     ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     if teacher_h is None or teacher_w is None:
         div = torch.zeros((), device=h.device)
     else:
-        with torch.no_grad():
-            teacher = teacher_h @ teacher_w.T
+        with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+            teacher = teacher_h.float() @ teacher_w.float().T
         div = (token_divergence(logits, teacher, config.divergence, config.temperature, config.beta) * mask).sum()
     return config.kd_weight * div + config.ce_weight * ce, div.detach(), ce.detach()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -14,7 +16,8 @@ from distill.prune import drop_layers, heads_to_keep, pca_rotation, rotate_hidde
 Axis = Literal["num_hidden_layers", "hidden_size", "intermediate_size"]
 LayerScore = Literal["block_importance", "layer_norm_ratio"]
 FfnScore = Literal["ffn_mean_abs", "ffn_l2_mean"]
-ROUND_TO = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1}
+ROUND_TO = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+NEAR_BEST = 0.02  # candidates within 2% of the largest child under the target compete on balance
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,24 @@ class PlanError(ValueError):
     pass
 
 
-def plan_architecture(parent: Architecture, dims: dict[str, int] | None = None, params: int | None = None,
-                      axes: tuple[Axis, ...] = ("intermediate_size", "hidden_size")) -> Architecture:
-    """Fixed `dims` first; then, for a parameter target, shrink `axes` by one common factor found by bisection.
+TiedEmbeddings = Literal["untie", "approximate"]
 
-    Width before depth by default (Minitron: width-pruned children recover better at equal tokens). The result is
-    the largest architecture on the rounding grid whose parameter count does not exceed `params`.
+
+def _tie(arch: Architecture, parent: Architecture, tied: TiedEmbeddings) -> Architecture:
+    """A tied head cannot follow a hidden-size rotation exactly (see prune.rotate_hidden): untie it, and count it."""
+    untie = parent.tie_word_embeddings and arch.hidden_size < parent.hidden_size and tied == "untie"
+    return dataclasses.replace(arch, tie_word_embeddings=False) if untie else arch
+
+
+def plan_architecture(parent: Architecture, dims: dict[str, int] | None = None, params: int | None = None,
+                      axes: tuple[Axis, ...] = ("intermediate_size", "num_hidden_layers"),
+                      tied: TiedEmbeddings = "untie") -> Architecture:
+    """Fixed `dims` first; then, for a parameter target, shrink the free `axes` on a grid (ROUND_TO).
+
+    The default axes are FFN width and depth: with tied embeddings (SmolLM2, Ministral 3B) a hidden-size cut must
+    untie the head to stay exact, which costs vocab x hidden parameters back. Among the
+    children within 2% of the largest one not above `params`, the most balanced wins: the smallest spread between
+    the axes' shrink factors, so no axis is cut much harder than another.
     """
     fields = parent.as_dict()
     for key, value in (dims or {}).items():
@@ -80,7 +95,7 @@ def plan_architecture(parent: Architecture, dims: dict[str, int] | None = None, 
         if not 0 < value <= fields[key]:
             raise PlanError(f"{key}={value} must be between 1 and the parent's {fields[key]}")
         fields[key] = value
-    base = Architecture(**fields)
+    base = _tie(Architecture(**fields), parent, tied)
     if base.num_attention_heads % base.num_key_value_heads:
         raise PlanError(f"num_attention_heads {base.num_attention_heads} must be a multiple of "
                         f"num_key_value_heads {base.num_key_value_heads}")
@@ -92,32 +107,30 @@ def plan_architecture(parent: Architecture, dims: dict[str, int] | None = None, 
     if not free:
         raise PlanError("a parameter target needs at least one axis that is not fixed explicitly")
 
-    def shrink(factor: float) -> Architecture:
-        values = dict(base.as_dict())
-        for axis in free:
-            step = ROUND_TO[axis]
-            values[axis] = max(step, int(base.as_dict()[axis] * factor) // step * step)
-        return Architecture(**values)
-
-    smallest = shrink(0.0)
-    if smallest.params > params:
+    start = base.as_dict()
+    grids = [sorted({start[a], *range(ROUND_TO[a], start[a], ROUND_TO[a])}) for a in free]
+    fitting: list[tuple[Architecture, float]] = []
+    for values in itertools.product(*grids):
+        arch = _tie(dataclasses.replace(base, **dict(zip(free, values, strict=True))), parent, tied)
+        if arch.params <= params:
+            factors = [v / start[a] for a, v in zip(free, values, strict=True)]
+            fitting.append((arch, max(factors) - min(factors)))
+    if not fitting:
+        smallest = dataclasses.replace(base, **{a: ROUND_TO[a] for a in free})
         raise PlanError(f"target {params / 1e6:.1f}M params is below the smallest child reachable by shrinking "
                         f"{', '.join(free)} ({smallest.describe()})")
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if shrink(mid).params <= params:
-            lo = mid
-        else:
-            hi = mid
-    return shrink(lo)
+    best = max(arch.params for arch, _ in fitting)
+    near = [(spread, -arch.params, arch) for arch, spread in fitting if arch.params >= best * (1 - NEAR_BEST)]
+    return min(near, key=lambda c: (c[0], c[1]))[2]
 
 
 def prune_to(config: PretrainedConfig, state: StateDict, stats: dict[str, torch.Tensor], target: Architecture,
              layer_score: LayerScore = "block_importance", ffn_score: FfnScore = "ffn_mean_abs",
-             untie: bool = False) -> tuple[PretrainedConfig, StateDict]:
+             ) -> tuple[PretrainedConfig, StateDict]:
     """Apply every needed cut, each by its importance statistic: layers, heads, FFN channels, then hidden size."""
     parent = Architecture.of(config)
+    if target.tie_word_embeddings and not parent.tie_word_embeddings:
+        raise PlanError("an untied parent cannot produce a tied child")
     if target.vocab_size != parent.vocab_size or target.head_dim != parent.head_dim:
         raise PlanError("vocab_size and head_dim cannot be pruned")
     keep_layers = list(range(parent.num_hidden_layers))
@@ -135,5 +148,5 @@ def prune_to(config: PretrainedConfig, state: StateDict, stats: dict[str, torch.
         config, state = slice_ffn(config, state, keep)
     if target.hidden_size < parent.hidden_size:
         rotation = pca_rotation(stats["hidden_second_moment"], target.hidden_size)
-        config, state = rotate_hidden(config, state, rotation, untie=untie)
+        config, state = rotate_hidden(config, state, rotation, untie=not target.tie_word_embeddings)
     return config, state

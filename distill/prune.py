@@ -32,6 +32,30 @@ def _with_head_dim(config: PretrainedConfig) -> PretrainedConfig:
     return new
 
 
+def as_mistral(config: PretrainedConfig) -> PretrainedConfig:
+    """The same network as a Mistral config (no sliding window): transformers' LlamaConfig insists that
+    hidden_size be a multiple of num_attention_heads even with an explicit head_dim, MistralConfig does not.
+    The weight names are identical, so only the config changes."""
+    from transformers import MistralConfig
+
+    if config.model_type == "mistral":
+        return config
+    values = config.to_dict()
+    if values.get("attention_bias") or values.get("mlp_bias"):
+        raise ValueError("a Llama model with attention or MLP biases has no Mistral equivalent")
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp", "model_type", "architectures", "transformers_version"):
+        values.pop(key, None)
+    new = MistralConfig(**{**values, "sliding_window": None})
+    new.architectures = ["MistralForCausalLM"]
+    return new
+
+
+def _fit_heads(config: PretrainedConfig) -> PretrainedConfig:
+    if config.hidden_size % config.num_attention_heads and config.model_type == "llama":
+        return as_mistral(config)
+    return config
+
+
 def drop_layers(config: PretrainedConfig, state: StateDict, keep: list[int]) -> tuple[PretrainedConfig, StateDict]:
     """Keep the decoder layers `keep` (in order) and renumber them; per-layer config lists follow."""
     n = config.num_hidden_layers
@@ -104,7 +128,7 @@ def slice_heads(config: PretrainedConfig, state: StateDict, keep: list[torch.Ten
     if len(shapes) != 1:
         raise ValueError(f"all layers must keep the same number of heads and groups, got {sorted(shapes)}")
     new.num_attention_heads, new.num_key_value_heads = shapes.pop()
-    return new, out
+    return _fit_heads(new), out
 
 
 def heads_to_keep(head_scores: torch.Tensor, config: PretrainedConfig, num_heads: int,
@@ -186,4 +210,4 @@ def rotate_hidden(config: PretrainedConfig, state: StateDict, rotation: torch.Te
         out["lm_head.weight"] = ((head.double() * g_final.double()[None, :]) @ q).to(head.dtype).contiguous()
         out["model.norm.weight"] = torch.full((d_new,), gain, dtype=g_final.dtype)
         new.tie_word_embeddings = False
-    return new, out
+    return _fit_heads(new), out

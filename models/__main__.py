@@ -18,10 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from models.checkpoint import is_complete
-    from models.registry import REGISTRY, get_model
+    from models.registry import all_models, get_model
 
     if args.command == "list":
-        for spec in REGISTRY.values():
+        for spec in all_models().values():
             state = "prepared" if is_complete(spec.checkpoint_dir) else "not prepared"
             print(f"{spec.name:24} {spec.family:11} {spec.dtype:9} ctx={spec.max_context:<6} {state:13} "
                   f"tools={spec.tool_format or '-':12} reasoning={spec.reasoning_format or '-':14} {spec.description}")

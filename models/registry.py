@@ -98,13 +98,54 @@ REGISTRY: dict[str, ModelSpec] = {
 
 class UnknownModelError(KeyError):
     def __str__(self) -> str:
-        return f"unknown model {self.args[0]!r}; known: {', '.join(sorted(REGISTRY))}"
+        return f"unknown model {self.args[0]!r}; known: {', '.join(sorted(all_models()))}"
+
+
+def registered_dir() -> Path:
+    """Models made here (cascade students) are registered as one JSON file each under $CASCADE_HOME/registry."""
+    return cascade_home() / "registry"
+
+
+def register_model(spec: ModelSpec) -> Path:
+    """Make `spec` servable by name (`python -m serve --model <name>`); written atomically, replaces a same name."""
+    import json
+    import tempfile
+
+    if spec.name in REGISTRY:
+        raise ValueError(f"{spec.name!r} is a built-in model name; choose another")
+    if spec.path is None:
+        raise ValueError(f"registered model {spec.name!r} needs a checkpoint path")
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in spec.__dict__.items()}
+    folder = registered_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+        json.dump(record, f, indent=1)
+    final = folder / f"{spec.name}.json"
+    Path(f.name).replace(final)
+    return final
+
+
+def registered_models() -> dict[str, ModelSpec]:
+    import json
+
+    specs = {}
+    for file in sorted(registered_dir().glob("*.json")) if registered_dir().is_dir() else []:
+        record = json.loads(file.read_text())
+        record["path"] = Path(record["path"])
+        specs[record["name"]] = ModelSpec(**record)
+    return specs
+
+
+def all_models() -> dict[str, ModelSpec]:
+    return {**registered_models(), **REGISTRY}
 
 
 def get_model(name: str) -> ModelSpec:
-    """Look a model up by registry name, or wrap a local checkpoint directory as an ad-hoc spec."""
+    """Look a model up by registry name (built-in or registered), or wrap a local checkpoint directory."""
     if name in REGISTRY:
         return REGISTRY[name]
+    if _NAME.match(name) and (registered_dir() / f"{name}.json").is_file():
+        return registered_models()[name]
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
         return local_model_spec(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
@@ -33,3 +35,49 @@ def micro_model(kind: str = "llama", tied: bool = False, seed: int = 0, **overri
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+CORPUS_FILES = ("json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "string.py", "fnmatch.py")
+
+
+def write_corpus(folder: Path) -> Path:
+    """A few standard-library modules as a local text corpus (one document per file)."""
+    import sysconfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in CORPUS_FILES:
+        (folder / name.replace("/", "_")).write_text((stdlib / name).read_text())
+    return folder
+
+
+def write_micro_tokenizer(folder: Path, corpus: Path, vocab_size: int = 384) -> int:
+    """A byte-level BPE trained on `corpus` (deterministic, < 1 s), saved with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((p.read_text() for p in sorted(corpus.iterdir())), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    fast.save_pretrained(folder)
+    return tok.get_vocab_size()
+
+
+def write_micro_checkpoint(folder: Path, corpus: Path, kind: str = "llama", tied: bool = True, seed: int = 0,
+                           **overrides: object) -> Path:
+    """A random micro model with its own small tokenizer: a complete checkpoint the distill CLI can use."""
+    from distill.model_io import save_model
+
+    tok_dir = folder.with_name(folder.name + "-tok")
+    vocab = write_micro_tokenizer(tok_dir, corpus)
+    model = micro_model(kind, tied, seed=seed, vocab_size=vocab, **overrides).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(0.25)  # gentler logits than micro_model's, so training moves them visibly
+    return save_model(model, folder, tok_dir)

@@ -8,7 +8,7 @@ import torch
 from distill.calibrate import collect_importance
 from distill.model_io import model_from_state, plain_state
 from distill.plan import Architecture, PlanError, plan_architecture, prune_to
-from distill.prune import drop_layers, heads_to_keep, pca_rotation, rotate_hidden, slice_ffn, slice_heads
+from distill.prune import as_mistral, drop_layers, heads_to_keep, pca_rotation, rotate_hidden, slice_ffn, slice_heads
 from tests.distill_micro import logits, micro_model
 
 FP32_NORM = dict(rtol=1e-5, atol=5e-5)  # HF RMSNorm computes in fp32 even for float64 models
@@ -90,6 +90,17 @@ def test_full_rank_rotation_reproduces_logits(kind, tied, untie):
     torch.testing.assert_close(logits(child, IDS), logits(model, IDS), **FP32_NORM)
 
 
+def test_llama_becomes_mistral_when_heads_no_longer_divide_the_hidden_size():
+    model = micro_model(tied=True, num_attention_heads=6, num_key_value_heads=3, head_dim=16, hidden_size=96)
+    same = model_from_state(as_mistral(model.config), plain_state(model), dtype=torch.float64).eval()
+    assert type(same).__name__ == "MistralForCausalLM" and same.config.sliding_window is None
+    assert torch.equal(logits(same, IDS), logits(model, IDS))
+    rotation = pca_rotation(_stats(model)["hidden_second_moment"], 64)  # 64 % 6 != 0
+    config, state = rotate_hidden(model.config, plain_state(model), rotation)
+    assert config.model_type == "mistral" and config.head_dim == 16 and config.hidden_size == 64
+    assert torch.isfinite(logits(_rebuild(config, state), IDS)).all()
+
+
 def test_tied_rotation_is_exact_when_the_final_gain_is_uniform():
     model = micro_model(tied=True)
     with torch.no_grad():
@@ -117,13 +128,24 @@ def test_pca_keeps_most_of_the_function_and_beats_a_random_rotation():
 def test_pruned_child_loads_and_has_the_planned_parameter_count():
     model = micro_model("mistral", tied=True)
     parent = Architecture.of(model.config)
-    target = plan_architecture(parent, dims={"num_hidden_layers": 3}, params=int(parent.params * 0.6))
+    target = plan_architecture(parent, dims={"num_hidden_layers": 3, "hidden_size": 48},
+                               params=int(parent.params * 0.6))
+    assert target.intermediate_size < 128 and not target.tie_word_embeddings  # the head was untied, and counted
     config, state = prune_to(model.config, plain_state(model), _stats(model), target)
     child = _rebuild(config, state)
     assert Architecture.of(child.config) == target
     assert sum(p.numel() for p in child.parameters()) == target.params
     assert target.params <= parent.params * 0.6
     assert torch.isfinite(logits(child, IDS)).all()
+
+
+def test_approximate_tie_keeps_a_tied_child():
+    model = micro_model(tied=True)
+    parent = Architecture.of(model.config)
+    target = plan_architecture(parent, dims={"hidden_size": 48}, tied="approximate")
+    config, state = prune_to(model.config, plain_state(model), _stats(model), target)
+    child = _rebuild(config, state)
+    assert child.config.tie_word_embeddings and sum(p.numel() for p in child.parameters()) == target.params
 
 
 def test_planner_errors_name_the_problem():

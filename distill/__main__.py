@@ -1,0 +1,112 @@
+"""`python -m distill cascade RECIPE.yaml` | `train CONFIG.yaml` | `plan --model M --params 100M`.
+
+Runs the same under `torchrun --nproc-per-node N -m distill ...` (FSDP2; gloo on CPU, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _parse_dims(items: list[str]) -> dict[str, int]:
+    dims = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not value.isdigit():
+            raise ValueError(f"--dims takes name=integer pairs, got {item!r}")
+        dims[key] = int(value)
+    return dims
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    cascade = sub.add_parser("cascade", help="run a recipe: prune -> distill -> evaluate -> register, per stage")
+    cascade.add_argument("recipe", type=Path)
+    cascade.add_argument("--runs", type=Path, help="working directory (default $CASCADE_HOME/runs/<recipe name>)")
+    cascade.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan only")
+    train = sub.add_parser("train", help="distill one student from a TrainConfig YAML")
+    train.add_argument("config", type=Path)
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
+    plan = sub.add_parser("plan", help="print the child architecture for a target")
+    plan.add_argument("--model", required=True, help="registry name or checkpoint directory")
+    plan.add_argument("--params", help="target parameter count, e.g. 100M")
+    plan.add_argument("--dims", nargs="*", default=[], help="explicit dims, e.g. num_hidden_layers=24")
+    plan.add_argument("--axes", nargs="*", default=["intermediate_size", "num_hidden_layers"],
+                      help="dims a --params target may shrink (also: hidden_size)")
+    plan.add_argument("--tied-embeddings", choices=["untie", "approximate"], default="untie")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    import yaml
+    from pydantic import ValidationError
+
+    from distill.cascade import RecipeError, load_recipe, parse_count, plan_recipe, run_recipe
+    from distill.data import DataError
+    from distill.losses import VocabMismatchError
+    from distill.model_io import UnsupportedModelError, load_config
+    from distill.plan import Architecture, PlanError, plan_architecture
+    from distill.train import TrainConfig, Trainer, TrainingDivergedError
+    from models.prepare import prepare
+    from models.registry import get_model
+
+    try:
+        if args.command == "plan":
+            parent = Architecture.of(load_config(prepare(get_model(args.model))))
+            params = parse_count(args.params) if args.params else None
+            child = plan_architecture(parent, _parse_dims(args.dims), params, tuple(args.axes), args.tied_embeddings)
+            print(f"parent: {parent.describe()}\nchild:  {child.describe()}")
+            return 0
+        if args.command == "cascade":
+            recipe = load_recipe(args.recipe)
+            if args.dry_run:
+                parent, plans = plan_recipe(recipe)
+                print(f"cascade {recipe.name}: parent {parent.name}: {plans[0].source.describe()}")
+                for i, p in enumerate(plans, 1):
+                    print(f"  stage {i} {p.stage.name}: {p.target.describe()}, {p.stage.tokens:,} tokens")
+                return 0
+            _init_distributed()
+            run_recipe(recipe, args.runs)
+            return 0
+        if not args.config.is_file():
+            raise RecipeError(f"config {args.config} does not exist")
+        config = TrainConfig.model_validate(yaml.safe_load(args.config.read_text()))
+        _init_distributed()
+        final = Trainer(config).train(resume=args.resume)
+        print(" ".join(f"{k}={v:.4f}" for k, v in final.items()))
+        return 0
+    except TrainingDivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        print(f"error: {args.command} config: {problems}", file=sys.stderr)
+        return 2
+    except (RecipeError, PlanError, DataError, VocabMismatchError, UnsupportedModelError, KeyError, OSError,
+            ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Cascade recipes: prune the parent, distill, evaluate, register; then prune that child for the next stage.
+
+As in Ministral 3, each stage starts from the previous stage's student (the first from the parent) and is
+distilled from the root parent by default (`teacher: previous` uses the previous student instead). Everything a
+recipe needs is checked, and every stage's architecture planned and printed, before any work starts.
+Each step leaves a complete directory behind, so re-running a recipe skips what is done and resumes training from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from distill.calibrate import STATS_FILE, collect_importance, load_importance, save_importance
+from distill.data import DataConfig, build_tokens
+from distill.losses import LossConfig
+from distill.model_io import load_config, load_model, model_from_state, plain_state, save_model
+from distill.plan import (
+    Architecture,
+    Axis,
+    FfnScore,
+    LayerScore,
+    PlanError,
+    TiedEmbeddings,
+    plan_architecture,
+    prune_to,
+)
+from distill.train import OptimConfig, TrainConfig, Trainer, read_metrics
+from models.checkpoint import is_prepared
+from models.registry import REGISTRY, ModelSpec, cascade_home, get_model, register_model
+
+log = logging.getLogger(__name__)
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*$")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def parse_count(value: int | str) -> int:
+    """`100M`, `1.5B`, `250k` or a plain integer."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"not a count: {value!r} (use e.g. 100M, 1.5B, 250k)")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+class Target(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    params: int | None = Field(None, description="parameter count, e.g. 100M")
+    dims: dict[str, int] = Field(default_factory=dict, description="explicit dims, e.g. num_hidden_layers: 24")
+    axes: tuple[Axis, ...] = Field(("intermediate_size", "num_hidden_layers"),
+                                   description="dims a params target may shrink")
+    tied_embeddings: TiedEmbeddings = Field("untie", description="when the hidden size of a tied model is cut: "
+                                            "untie the head (exact, more params) or approximate the final norm")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _count(cls, value: int | str | None) -> int | None:
+        return None if value is None else parse_count(value)
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="registry name of this stage's student")
+    target: Target
+    tokens: int
+    teacher: Literal["parent", "previous"] = "parent"
+    optim: OptimConfig | None = None
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens(cls, value: int | str) -> int:
+        return parse_count(value)
+
+
+class TrainSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    eval_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(20, ge=1)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    parent: str = Field(description="registry name or checkpoint directory of the root parent (the teacher)")
+    data: DataConfig
+    calibration_sequences: int = Field(32, ge=1)
+    layer_score: LayerScore = "block_importance"
+    ffn_score: FfnScore = "ffn_mean_abs"
+    train: TrainSettings = TrainSettings()
+    stages: list[Stage] = Field(min_length=1)
+    seed: int = 0
+
+
+def load_recipe(path: Path) -> Recipe:
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    from pydantic import ValidationError
+
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'recipe'}: {err['msg']}" for err in e.errors())
+        raise RecipeError(f"{path}: {problems}") from e
+
+
+@dataclasses.dataclass
+class StagePlan:
+    stage: Stage
+    source: Architecture
+    target: Architecture
+
+
+def plan_recipe(recipe: Recipe) -> tuple[ModelSpec, list[StagePlan]]:
+    """Check everything checkable without running a model; returns the parent spec and each stage's architecture."""
+    try:
+        parent = get_model(recipe.parent)
+    except KeyError as e:
+        raise RecipeError(str(e)) from e
+    names = [s.name for s in recipe.stages]
+    for name in names:
+        if names.count(name) > 1:
+            raise RecipeError(f"stage name {name!r} is used twice")
+        if name in REGISTRY:
+            raise RecipeError(f"stage name {name!r} is a built-in model name")
+    for source in recipe.data.sources:
+        missing = [p for p in source.paths if not glob.glob(p, recursive=True)]
+        if missing:
+            raise RecipeError(f"data: no files match {', '.join(missing)}")
+    from models.prepare import prepare
+
+    parent_dir = prepare(parent)
+    arch = Architecture.of(load_config(parent_dir))
+    plans = []
+    for i, stage in enumerate(recipe.stages):
+        if stage.target.params is None and not stage.target.dims:
+            raise RecipeError(f"stage {stage.name}: target needs params or dims")
+        try:
+            target = plan_architecture(arch, stage.target.dims, stage.target.params, stage.target.axes,
+                                       stage.target.tied_embeddings)
+        except PlanError as e:
+            raise RecipeError(f"stage {i + 1} ({stage.name}): {e}") from e
+        plans.append(StagePlan(stage, arch, target))
+        arch = target
+    return parent, plans
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) -> list[dict]:
+    parent_spec, plans = plan_recipe(recipe)
+    parent_dir = parent_spec.checkpoint_dir
+    runs = runs or cascade_home() / "runs" / recipe.name
+    if _rank0():
+        print(f"cascade {recipe.name}: parent {parent_spec.name}: {plans[0].source.describe()}")
+        for i, plan in enumerate(plans, 1):
+            print(f"  stage {i} {plan.stage.name}: {plan.target.describe()}, {plan.stage.tokens:,} tokens, "
+                  f"teacher {plan.stage.teacher}")
+    results = []
+    source_dir = parent_dir
+    for i, plan in enumerate(plans, 1):
+        stage, stage_dir = plan.stage, runs / plan.stage.name
+        teacher_dir = parent_dir if stage.teacher == "parent" else source_dir
+        pruned_dir = stage_dir / "pruned"
+        if _rank0():
+            importance = stage_dir / "importance"
+            if not is_prepared(importance, "importance"):
+                calibrate(source_dir, recipe, importance, progress)
+            if not is_prepared(pruned_dir, "pruned"):
+                prune_checkpoint(source_dir, load_importance(importance / STATS_FILE), plan.target, recipe, pruned_dir)
+        _barrier()
+        train = TrainConfig(
+            student=str(pruned_dir), teacher=str(teacher_dir), eval_teacher=str(parent_dir),
+            out_dir=str(stage_dir / "train"), data=recipe.data, tokens=stage.tokens,
+            batch_size=recipe.train.batch_size, grad_accum=recipe.train.grad_accum,
+            eval_every=recipe.train.eval_every, checkpoint_every=recipe.train.checkpoint_every,
+            precision=recipe.train.precision, loss=recipe.train.loss, optim=stage.optim or recipe.train.optim,
+            seed=recipe.seed + i,
+        )
+        student_dir = cascade_home() / "models" / stage.name
+        started = time.time()
+        trainer = Trainer(train, progress=progress)
+        final = trainer.train(resume=True)
+        metrics = read_metrics(Path(train.out_dir) / "metrics.jsonl") if _rank0() else []
+        card = {
+            "name": stage.name, "recipe": recipe.name, "stage": i, "parent": parent_spec.name,
+            "initialised_from": str(source_dir), "teacher": str(teacher_dir),
+            "architecture": plan.target.as_dict(), "params": plan.target.params,
+            "tokens_seen": trainer.step * trainer.tokens_per_step, "data": recipe.data.model_dump(),
+            "loss": recipe.train.loss.model_dump(), "pruned_only": metrics[0] if metrics else {}, "final": final,
+            "train_seconds": round(time.time() - started, 1),
+        }
+        trainer.export(student_dir, card)
+        if _rank0():
+            (student_dir / "README.md").write_text(model_card(card))
+            family = load_config(student_dir).model_type
+            register_model(dataclasses.replace(
+                parent_spec, name=stage.name, source="local", path=student_dir,
+                family=family if family in ("llama", "mistral", "ministral3") else parent_spec.family,
+                description=f"cascade {recipe.name} stage {i}: {plan.target.params / 1e6:.1f}M params distilled "
+                            f"from {parent_spec.name}",
+            ))
+            print(f"stage {i} {stage.name}: val ppl {card['pruned_only'].get('val_ppl', float('nan')):.1f} -> "
+                  f"{final['val_ppl']:.1f}, KL to parent {card['pruned_only'].get('val_kl', float('nan')):.3f} -> "
+                  f"{final.get('val_kl', float('nan')):.3f}; registered as {stage.name} ({student_dir})")
+        results.append(card)
+        source_dir = student_dir
+        _barrier()
+    return results
+
+
+def calibrate(model_dir: Path, recipe: Recipe, out: Path, progress: bool = True) -> Path:
+    """Importance statistics of `model_dir` over the first calibration sequences of the training split."""
+    rows = build_tokens(recipe.data, model_dir)["train"][: recipe.calibration_sequences]
+    batches = rows.view(-1, 1, rows.shape[1]) if len(rows) % 4 else rows.view(-1, 4, rows.shape[1])
+    model = load_model(model_dir)
+    stats = collect_importance(model, batches, progress=progress)
+    return save_importance(stats, out, {"model": str(model_dir), "sequences": str(len(rows))})
+
+
+def prune_checkpoint(source_dir: Path, stats: dict[str, torch.Tensor], target: Architecture, recipe: Recipe,
+                     out: Path) -> Path:
+    model = load_model(source_dir)
+    config, state = prune_to(model.config, plain_state(model), stats, target, recipe.layer_score, recipe.ffn_score)
+    child = model_from_state(config, state)
+    log.info("pruned %s -> %s", source_dir, Architecture.of(child.config).describe())
+    return save_model(child, out, source_dir, recipe="pruned")
+
+
+def model_card(card: dict) -> str:
+    arch = Architecture(**card["architecture"])
+    before, after = card["pruned_only"], card["final"]
+    return "\n".join([
+        f"# {card['name']}", "",
+        f"Stage {card['stage']} of the cascade recipe `{card['recipe']}`: pruned from `{card['initialised_from']}` "
+        f"and distilled from `{card['teacher']}` (root parent: {card['parent']}).", "",
+        f"- Architecture: {arch.describe()}",
+        f"- Tokens seen in distillation: {card['tokens_seen']:,}",
+        f"- Loss: {card['loss']['divergence']} (temperature {card['loss']['temperature']}, "
+        f"CE weight {card['loss']['ce_weight']})",
+        f"- Training time: {card['train_seconds']} s", "",
+        "| held-out | pruned only | after distillation |", "|---|---|---|",
+        f"| perplexity | {before.get('val_ppl', float('nan')):.2f} | {after['val_ppl']:.2f} |",
+        f"| KL(parent ‖ student) per token | {before.get('val_kl', float('nan')):.4f} | "
+        f"{after.get('val_kl', float('nan')):.4f} |",
+        f"| top-1 agreement with parent | {before.get('val_top1_agree', float('nan')):.3f} | "
+        f"{after.get('val_top1_agree', float('nan')):.3f} |", "",
+        f"Data: {json.dumps(card['data'])}", "",
+    ])

