@@ -59,5 +59,10 @@ else
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m distill cascade $(RECIPE) $(DISTILL_ARGS)
 endif
 
+# Baselines around the recipe (prune only, prune + CE, random init + CE, one-shot vs iterative) at equal tokens;
+# writes docs/distill-results.md and docs/distill/*.png. Runs the recipe first if needed.
+bench-distill: $(STAMP)
+	$(PY) -m distill.bench --recipe $(RECIPE)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

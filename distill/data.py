@@ -222,8 +222,11 @@ class BatchSampler:
                 self.seed * 1_000_003 + epoch))}
         return self._perms[epoch]
 
-    def batch(self, step: int, micro: int, rank: int = 0) -> torch.Tensor:
+    def indices(self, step: int, micro: int, rank: int = 0) -> torch.Tensor:
+        """Row ids of one micro-batch."""
         start = (step * self.grad_accum * self.world + micro * self.world + rank) * self.batch_size
         n = len(self.rows)
-        index = [self._perm(i // n)[i % n] for i in range(start, start + self.batch_size)]
-        return self.rows[torch.stack(index)]
+        return torch.stack([self._perm(i // n)[i % n] for i in range(start, start + self.batch_size)])
+
+    def batch(self, step: int, micro: int, rank: int = 0) -> torch.Tensor:
+        return self.rows[self.indices(step, micro, rank)]

@@ -55,6 +55,12 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     vocab = shared_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits[..., :vocab].float() / temperature, dim=-1)
+    return divergence_of_logprobs(s, t, divergence, beta)
+
+
+def divergence_of_logprobs(s: torch.Tensor, t: torch.Tensor, divergence: Divergence,
+                           beta: float = 0.5) -> torch.Tensor:
+    """The divergence between two distributions given as log-probabilities over the last axis."""
     if divergence == "forward_kl":
         return (t.exp() * (t - s)).sum(-1)
     if divergence == "reverse_kl":
@@ -65,47 +71,84 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return beta * kl_t + (1 - beta) * kl_s
 
 
-def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Tensor | None,
-                 teacher_w: torch.Tensor | None, labels: torch.Tensor, config: LossConfig,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_with_tail(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices [N, k], their log-probs [N, k], log of the remaining mass [N]) of a full log-prob matrix."""
+    top, idx = logprobs.topk(k, dim=-1)
+    return idx, top, _tail(logprobs, idx)
+
+
+def _tail(logprobs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    # logsumexp over the tokens outside the top k: stable even when the top k hold almost all the mass
+    return logprobs.scatter(-1, idx, float("-inf")).logsumexp(-1).clamp_min(-80.0)
+
+
+def topk_divergence(student_logits: torch.Tensor, top_idx: torch.Tensor, top_logprobs: torch.Tensor,
+                    tail_logprob: torch.Tensor, divergence: Divergence, temperature: float = 1.0,
+                    beta: float = 0.5) -> torch.Tensor:
+    """The divergence over k+1 buckets: the teacher's top-k tokens and one bucket for everything else.
+
+    A top-k KL without the tail bucket is not a KL (it can go negative: verl#7856); with it, this is the exact
+    divergence between the two distributions coarsened onto the same k+1 outcomes, so 0 <= it <= the full one.
+    The teacher's log-probs must have been taken at the same temperature.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    idx = top_idx.long()
+    student = torch.cat([s.gather(-1, idx), _tail(s, idx)[..., None]], dim=-1)
+    teacher = torch.cat([top_logprobs.float(), tail_logprob.float()[..., None]], dim=-1)
+    return divergence_of_logprobs(student, teacher, divergence, beta)
+
+
+def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, teacher: tuple[torch.Tensor, ...] | None,
+                 labels: torch.Tensor, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums over one chunk of tokens: (weighted loss, divergence, cross-entropy).
 
-    The teacher's logits are made here, not passed in: checkpointing keeps a chunk's inputs until the backward
-    pass, and [chunk x vocab] teacher logits kept for every chunk would be the full matrix again.
+    `teacher` is (hidden [n, d_t], head [V_t, d_t]) for a live teacher, or (top indices, top log-probs, tail
+    log-prob) from a cache. A live teacher's logits are made here, not passed in: checkpointing keeps a chunk's
+    inputs until the backward pass, and [chunk x vocab] teacher logits kept for every chunk would be the full
+    matrix again.
     """
     with torch.autocast(h.device.type, enabled=False):  # bf16 logits would put noise of ~1% into the KL
         logits = h.float() @ weight.float().T
     mask = labels != IGNORE_INDEX
     ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    if teacher_h is None or teacher_w is None:
+    if teacher is None:
         div = torch.zeros((), device=h.device)
+    elif len(teacher) == 3:
+        per_token = topk_divergence(logits, *teacher, config.divergence, config.temperature, config.beta)
+        div = (per_token * mask).sum()
     else:
         with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-            teacher = teacher_h.float() @ teacher_w.float().T
-        div = (token_divergence(logits, teacher, config.divergence, config.temperature, config.beta) * mask).sum()
+            teacher_logits = teacher[0].float() @ teacher[1].float().T
+        per_token = token_divergence(logits, teacher_logits, config.divergence, config.temperature, config.beta)
+        div = (per_token * mask).sum()
     return config.kd_weight * div + config.ce_weight * ce, div.detach(), ce.detach()
 
 
 def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor, config: LossConfig,
                  teacher_hidden: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
+                 teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss from final hidden states and LM heads, one chunk of `config.chunk_tokens` tokens at a time.
 
     student_hidden [N, d], labels [N] (IGNORE_INDEX masks a token), teacher_hidden [N, d_t]. Each chunk's student
     logits are recomputed in the backward pass (activation checkpointing) and the teacher's exist only inside the
-    chunk, so peak memory is O(chunk x vocab) instead of O(N x vocab). Returns (loss, metrics per unmasked token).
+    chunk, so peak memory is O(chunk x vocab) instead of O(N x vocab). `teacher_topk` ([N, k] indices, [N, k]
+    log-probs, [N] tail log-prob) replaces a live teacher with a cached one. Returns (loss, metrics per token).
     """
-    if config.kd_weight > 0 and (teacher_hidden is None or teacher_head is None):
-        raise ValueError("a distillation loss needs the teacher's hidden states and head")
+    live = teacher_hidden is not None and teacher_head is not None
+    if config.kd_weight > 0 and not live and teacher_topk is None:
+        raise ValueError("a distillation loss needs the teacher's hidden states and head, or its cached top-k")
     count = (labels != IGNORE_INDEX).sum().clamp_min(1)
     total = torch.zeros((), device=student_hidden.device)
     div_sum = torch.zeros((), device=student_hidden.device)
     ce_sum = torch.zeros((), device=student_hidden.device)
     for start in range(0, labels.shape[0], config.chunk_tokens):
         part = slice(start, start + config.chunk_tokens)
-        teacher_h = teacher_hidden[part].detach() if config.kd_weight > 0 else None
-        teacher_w = teacher_head.detach() if config.kd_weight > 0 else None
-        args = (student_hidden[part], student_head, teacher_h, teacher_w, labels[part], config)
+        teacher = None
+        if config.kd_weight > 0:
+            teacher = ((teacher_hidden[part].detach(), teacher_head.detach()) if live
+                       else tuple(t[part] for t in teacher_topk))  # type: ignore[union-attr]
+        args = (student_hidden[part], student_head, teacher, labels[part], config)
         if torch.is_grad_enabled() and student_hidden.requires_grad:
             loss, div, ce = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:

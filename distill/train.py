@@ -62,6 +62,8 @@ class TrainConfig(BaseModel):
         "auto", description="bfloat16 autocast for the transformer blocks (logits and losses stay fp32); auto: "
                             "bfloat16 where the device has native support (CUDA bf16, CPU AVX512-BF16/AMX)")
     random_init: bool = Field(False, description="re-initialise the student's weights (the from-scratch baseline)")
+    teacher_top_k: int | None = Field(None, ge=1, description="distill from a cache of the teacher's top-k log-probs "
+                                      "+ a tail bucket (computed once, reused across runs) instead of running it")
     seed: int = 0
 
 
@@ -77,7 +79,8 @@ class StudentLoss(nn.Module):
         self.lm, self.loss = lm, loss
 
     def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None,
-                teacher_head: torch.Tensor | None = None, logits_only: bool = False):
+                teacher_head: torch.Tensor | None = None, logits_only: bool = False,
+                teacher_topk: tuple[torch.Tensor, ...] | None = None):
         """(loss, metrics) for training; with `logits_only`, fp32 logits [B, T-1, V] for evaluation."""
         hidden = self.lm.model(input_ids=ids).last_hidden_state[:, :-1]
         if logits_only:
@@ -86,7 +89,7 @@ class StudentLoss(nn.Module):
         labels = ids[:, 1:].reshape(-1)
         th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
         return distill_loss(hidden.reshape(-1, hidden.shape[-1]), self.lm.lm_head.weight, labels, self.loss,
-                            th, teacher_head)
+                            th, teacher_head, teacher_topk)  # type: ignore[arg-type]
 
 
 class TeacherHidden(nn.Module):
@@ -157,6 +160,13 @@ class Trainer:
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         torch.manual_seed(config.seed)
+        if config.data.val_sequences % self.world:
+            raise ValueError(f"data.val_sequences ({config.data.val_sequences}) must be a multiple of the number of "
+                             f"processes ({self.world}): every rank runs the same evaluation batches")
+        if self.rank == 0:  # one process writes the token cache; the others read it
+            build_tokens(config.data, config.teacher or config.student)
+        if dist.is_initialized():
+            dist.barrier()
         tokens = build_tokens(config.data, config.teacher or config.student)
         self.train_rows, self.val_rows = tokens["train"], tokens["val"]
         self.sampler = BatchSampler(self.train_rows, config.batch_size, config.grad_accum, self.world, config.seed)
@@ -168,7 +178,9 @@ class Trainer:
             _reinit(student, config.seed)
         self.student_config = student.config
         self.student = StudentLoss(student, config.loss)
-        self.teacher = self._teacher(config.teacher) if config.teacher and config.loss.kd_weight > 0 else None
+        distilling = config.teacher is not None and config.loss.kd_weight > 0
+        self.cache = self._cache() if distilling and config.teacher_top_k else None
+        self.teacher = self._teacher(config.teacher) if distilling and self.cache is None else None
         eval_teacher = config.eval_teacher or config.teacher
         self.eval_teacher = (self.teacher if eval_teacher == config.teacher and self.teacher is not None
                              else self._teacher(eval_teacher) if eval_teacher else None)
@@ -181,6 +193,24 @@ class Trainer:
             lr=config.optim.lr, betas=config.optim.betas, foreach=True,
         )
         self.step = 0
+
+    def _cache(self):
+        """Build (rank 0) or reuse the teacher's top-k for exactly the rows this run will read."""
+        from distill.data import cache_key
+        from distill.teacher_cache import TeacherCache, cache_dir, ensure_cache
+
+        config, teacher = self.config, Path(self.config.teacher)  # type: ignore[arg-type]
+        needed = sorted({int(i) for step in range(self.total_steps) for micro in range(config.grad_accum)
+                         for rank in range(self.world) for i in self.sampler.indices(step, micro, rank)})
+        vocab = self.student_config.vocab_size
+        data_key = cache_key(config.data, teacher)
+        if self.rank == 0:
+            autocast = torch.bfloat16 if resolve_precision(config.precision, self.device) == "bfloat16" else None
+            ensure_cache(teacher, self.train_rows, needed, config.teacher_top_k, config.loss.temperature, vocab,
+                         data_key, autocast, config.batch_size, self.progress)
+        if dist.is_initialized():
+            dist.barrier()
+        return TeacherCache(cache_dir(teacher, data_key, config.teacher_top_k, config.loss.temperature, vocab))
 
     def _teacher(self, path: str) -> TeacherHidden:
         teacher = TeacherHidden(load_model(Path(path)).to(self.device))
@@ -270,7 +300,7 @@ class Trainer:
         """Validation cross-entropy / perplexity, KL(teacher || student) and top-1 agreement per token."""
         self.student.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # ce, kl, agree, tokens
-        rows = self.val_rows[self.rank::self.world]
+        rows = self.val_rows[self.rank::self.world]  # equal shares: FSDP ranks must run the same forwards
         for start in range(0, len(rows), self.config.batch_size):
             ids = rows[start:start + self.config.batch_size].to(self.device)
             labels = ids[:, 1:]
@@ -315,10 +345,12 @@ class Trainer:
                 group["lr"] = lr
             totals = torch.zeros(4, dtype=torch.float64)  # loss, kd, ce, tokens
             for micro in range(self.config.grad_accum):
-                ids = self.sampler.batch(self.step, micro, self.rank).to(self.device)
+                rows = self.sampler.indices(self.step, micro, self.rank)
+                ids = self.train_rows[rows].to(self.device)
                 with self._autocast():
                     teacher = self.teacher(ids) if self.teacher is not None else (None, None)
-                    loss, metrics = self.student(ids, *teacher)
+                    topk = tuple(t.to(self.device) for t in self.cache.lookup(rows)) if self.cache else None
+                    loss, metrics = self.student(ids, *teacher, teacher_topk=topk)
                 (loss / self.config.grad_accum).backward()
                 n = metrics["tokens"].double()
                 totals += torch.stack([loss.detach().double() * n, metrics["kd"].double() * n,
@@ -364,7 +396,7 @@ class Trainer:
             lm = self.student.lm
             if self.world > 1:
                 lm = load_model(Path(self.config.student))
-            lm.load_state_dict({k.removeprefix("lm."): v for k, v in model.items()}, strict=False)
+            lm.load_state_dict({k.removeprefix("lm."): v for k, v in model.items()})
             extra = {"cascade-card.json": json.dumps(card, indent=1) + "\n"} if card else None
             save_model(lm, out, Path(self.config.student), extra_files=extra)
         if dist.is_initialized():

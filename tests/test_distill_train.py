@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from distill.data import DataConfig, SourceConfig
 from distill.train import TrainConfig, Trainer, TrainingDivergedError, read_metrics
@@ -160,3 +162,63 @@ def test_two_gloo_processes_with_fsdp2_match_one_process(micro, tmp_path):
     # the FSDP checkpoint is a full state dict that a single process can resume from
     state = json.loads((tmp_path / "fsdp" / "checkpoints" / "step-000012" / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 12
+
+
+def test_an_offline_teacher_cache_is_built_once_and_reused(micro, tmp_path):
+    from distill.teacher_cache import CACHE_FILE
+
+    config = _config(micro, tmp_path / "cached", teacher_top_k=128, tokens=32 * 4 * 20)
+    trainer = Trainer(config, progress=False)
+    assert trainer.teacher is None and trainer.cache is not None  # no live teacher in the training step
+    final = trainer.train()
+    first = read_metrics(tmp_path / "cached" / "metrics.jsonl")
+    assert final["val_kl"] < 0.7 * first[0]["val_kl"]  # evaluated with the full-vocabulary KL
+    cache_file = trainer.cache.folder / CACHE_FILE
+    built = cache_file.stat().st_mtime_ns
+    rows = len(trainer.cache.position)
+    assert rows == len({int(i) for s in range(20) for i in trainer.sampler.indices(s, 0)})
+
+    again = Trainer(config.model_copy(update={"out_dir": str(tmp_path / "again")}), progress=False)
+    assert cache_file.stat().st_mtime_ns == built and len(again.cache.position) == rows  # nothing recomputed
+    longer = Trainer(config.model_copy(update={"out_dir": str(tmp_path / "longer"), "tokens": 32 * 4 * 30}),
+                     progress=False)
+    assert len(longer.cache.position) > rows  # only the missing rows were added
+
+    live = Trainer(_config(micro, tmp_path / "live", tokens=32 * 4 * 20), progress=False).train()
+    assert abs(final["val_kl"] - live["val_kl"]) < 0.25 * live["val_kl"]  # top-128 of 384 tokens: close to live KD
+
+
+def test_a_cascade_stage_runs_under_torchrun(micro, tmp_path):
+    """Rank 0 calibrates and prunes, both ranks train the sharded student, rank 0 exports and registers it."""
+    from distill.model_io import load_model
+    from models.registry import get_model
+
+    recipe = {
+        "name": "micro-fsdp", "parent": str(micro["teacher"]),
+        "data": {"sources": [{"kind": "files", "paths": [str(micro["corpus"] / "*.py")]}], "seq_len": 32,
+                 "val_sequences": 8},
+        "calibration_sequences": 8,
+        "train": {"batch_size": 2, "eval_every": 3, "checkpoint_every": 3, "precision": "float32",
+                  "optim": {"lr": 3e-3}},
+        "stages": [{"name": "micro-fsdp-a", "target": {"dims": {"num_hidden_layers": 2}}, "tokens": 32 * 4 * 6}],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "distill", "cascade",
+                           str(path), "--runs", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec = get_model("micro-fsdp-a")
+    card = json.loads((spec.path / "cascade-card.json").read_text())
+    assert card["tokens_seen"] == 32 * 4 * 6 and math.isfinite(card["final"]["val_kl"])
+    model = load_model(spec.path)
+    assert model.config.num_hidden_layers == 2
+    last = tmp_path / "runs" / "micro-fsdp-a" / "train" / "checkpoints" / "step-000006"
+    assert json.loads((last / "state.json").read_text())["world_size"] == 2
+    trained = load_file(last / "model.safetensors")  # the exported student is the trained, gathered one
+    exported = model.state_dict()
+    assert trained.keys() == {f"lm.{k}" for k in exported if k != "lm_head.weight"}
+    assert all(torch.equal(trained[f"lm.{k}"], v) for k, v in exported.items() if k != "lm_head.weight")
+    pruned = load_model(tmp_path / "runs" / "micro-fsdp-a" / "pruned")
+    assert not torch.equal(pruned.model.norm.weight, model.model.norm.weight)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.losses import IGNORE_INDEX, LossConfig, VocabMismatchError, distill_loss, reference_loss, token_divergence
+from distill.losses import (
+    IGNORE_INDEX,
+    LossConfig,
+    VocabMismatchError,
+    distill_loss,
+    reference_loss,
+    token_divergence,
+    topk_divergence,
+    topk_with_tail,
+)
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -76,3 +85,39 @@ def test_cross_entropy_only_needs_no_teacher():
 def test_bad_loss_configs_are_refused(bad):
     with pytest.raises(ValueError):
         LossConfig(**bad)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_topk_with_tail_is_a_coarsened_divergence(divergence):
+    s, t = _pair(n=12, vocab=64)
+    t_logp = torch.log_softmax(t.float(), -1)
+    full = token_divergence(s, t, divergence, beta=0.4)
+    exact = topk_divergence(s, *topk_with_tail(t_logp, 64), divergence, beta=0.4)  # every token: tail empty
+    torch.testing.assert_close(exact, full, rtol=1e-4, atol=1e-5)
+    for k in (1, 8, 32):
+        coarse = topk_divergence(s, *topk_with_tail(t_logp, k), divergence, beta=0.4)
+        assert (coarse >= -1e-6).all() and (coarse <= full + 1e-5).all()  # data processing inequality
+    # without the tail bucket a top-k "KL" goes negative once the student puts more mass on the teacher's top k
+    # than the teacher does (verl#7856); with it, it stays a divergence
+    idx, top, tail = topk_with_tail(t_logp, 4)
+    confident = t.float().scatter_add(-1, idx, torch.full((12, 4), 3.0))
+    s_logp = torch.log_softmax(confident, -1).gather(-1, idx)
+    assert ((top.exp() * (top - s_logp)).sum(-1) < 0).all()
+    assert (topk_divergence(confident, idx, top, tail, divergence, beta=0.4) > 0).all()
+
+
+def test_chunked_loss_from_a_cached_teacher_equals_the_direct_formula():
+    n, d, vocab, k = 19, 8, 40, 5
+    h = torch.randn(n, d, generator=GEN, requires_grad=True)
+    w = torch.randn(vocab, d, generator=GEN, requires_grad=True)
+    cached = topk_with_tail(torch.log_softmax(torch.randn(n, vocab, generator=GEN), -1), k)
+    labels = torch.randint(0, vocab, (n,), generator=GEN)
+    config = LossConfig(temperature=1.0, chunk_tokens=4)
+    loss, _ = distill_loss(h, w, labels, config, teacher_topk=cached)
+    loss.backward()
+    grad = h.grad.clone()
+    h.grad = None
+    expected = topk_divergence(h @ w.T, *cached, "forward_kl").mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, h.grad)

@@ -1,0 +1,94 @@
+"""Offline teacher: its top-k log-probs plus a tail bucket for every training token, computed once and reused.
+
+Keyed on the teacher checkpoint, the token shards, k, the temperature and the shared vocabulary, and stored under
+$CASCADE_HOME/teacher-cache/<key>; a later run (a resumed one, a baseline, another seed) computes only the rows it
+lacks. At k=64 a token costs 516 bytes (int32 ids, fp32 log-probs, the tail), against 4 x vocab bytes for full
+logits (196 KB for SmolLM2's 49,152).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from distill.losses import topk_with_tail
+from distill.model_io import load_model
+from models.checkpoint import atomic_directory
+from models.registry import cascade_home
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "teacher-cache/1"
+CACHE_FILE = "topk.safetensors"
+
+
+def cache_dir(teacher: Path, data_key: str, k: int, temperature: float, vocab: int) -> Path:
+    weights = sorted(teacher.glob("*.safetensors"))
+    identity = {
+        "teacher": str(teacher.resolve()),
+        "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights],
+        "data": data_key, "k": k, "temperature": temperature, "vocab": vocab, "version": CACHE_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cascade_home() / "teacher-cache" / digest
+
+
+class TeacherCache:
+    """Rows of the training shard -> (top-k ids, top-k log-probs, tail log-prob) for each predicted position."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        path = folder / CACHE_FILE
+        self.tensors = load_file(path) if path.is_file() else {}
+        rows = self.tensors.get("rows", torch.zeros(0, dtype=torch.long)).tolist()
+        self.position = {row: i for i, row in enumerate(rows)}
+
+    def missing(self, rows: list[int]) -> list[int]:
+        return [r for r in rows if r not in self.position]
+
+    def lookup(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flattened over (row, position): [B*T, k] ids, [B*T, k] log-probs, [B*T] tail log-probs."""
+        at = torch.tensor([self.position[int(r)] for r in rows])
+        idx, logp, tail = (self.tensors[name][at] for name in ("indices", "logprobs", "tail"))
+        return idx.flatten(0, 1), logp.flatten(0, 1), tail.flatten(0, 1)
+
+
+@torch.no_grad()
+def ensure_cache(teacher: Path, train_rows: torch.Tensor, needed: list[int], k: int, temperature: float,
+                 vocab: int, data_key: str, autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
+                 progress: bool = True) -> TeacherCache:
+    """Compute the teacher's top-k for the rows in `needed` that the cache lacks; return the cache."""
+    folder = cache_dir(teacher, data_key, k, temperature, vocab)
+    cache = TeacherCache(folder)
+    missing = sorted(set(cache.missing(needed)))
+    if not missing:
+        log.info("teacher cache %s holds all %d rows", folder, len(needed))
+        return cache
+    model = load_model(teacher).eval()
+    parts: dict[str, list[torch.Tensor]] = {"indices": [], "logprobs": [], "tail": []}
+    for start in tqdm(range(0, len(missing), batch_size), desc="teacher top-k", unit="batch", disable=not progress):
+        ids = train_rows[missing[start:start + batch_size]]
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        logits = hidden.float() @ model.lm_head.weight.float()[:vocab].T
+        idx, top, tail = topk_with_tail(torch.log_softmax(logits / temperature, dim=-1), k)
+        parts["indices"].append(idx.int())
+        parts["logprobs"].append(top)
+        parts["tail"].append(tail)
+    merged = {name: torch.cat([cache.tensors[name], *chunks]) if cache.tensors else torch.cat(chunks)
+              for name, chunks in parts.items()}
+    merged["rows"] = torch.cat([cache.tensors["rows"], torch.tensor(missing)]) if cache.tensors else torch.tensor(
+        missing)
+    with atomic_directory(folder, CACHE_VERSION) as tmp:
+        save_file({name: t.contiguous() for name, t in merged.items()}, tmp / CACHE_FILE)
+        (tmp / "cache.json").write_text(json.dumps({
+            "teacher": str(teacher), "k": k, "temperature": temperature, "vocab": vocab, "data": data_key,
+            "rows": len(merged["rows"]), "bytes_per_token": k * 8 + 4,
+        }, indent=1) + "\n")
+    log.info("teacher cache %s: +%d rows (%d total)", folder, len(missing), len(merged["rows"]))
+    return TeacherCache(folder)

@@ -1,0 +1,181 @@
+"""Cascade recipes: validation before any work, a micro two-stage cascade end to end, and the data layer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distill.cascade import RecipeError, load_recipe, plan_recipe, run_recipe
+from distill.data import BatchSampler, DataConfig, DataError, SourceConfig, build_tokens
+from distill.losses import LossConfig
+from distill.model_io import load_model
+from distill.plan import Architecture
+from distill.train import OptimConfig, TrainConfig, Trainer
+from models.registry import get_model
+from tests.distill_micro import write_corpus, write_micro_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("cascade")
+    corpus = write_corpus(base / "corpus")
+    random = write_micro_checkpoint(base / "random", corpus, seed=3, num_hidden_layers=6, intermediate_size=256)
+    home = base / "home"
+    os.environ["CASCADE_HOME"] = str(home)
+    try:  # a parent worth distilling: a little language-model training on the corpus first
+        config = TrainConfig(student=str(random), out_dir=str(base / "pretrain"), tokens=32 * 8 * 60, batch_size=8,
+                             data=DataConfig(sources=[SourceConfig(kind="files", paths=[str(corpus / "*.py")])],
+                                             seq_len=32, val_sequences=8),
+                             loss=LossConfig(kd_weight=0, ce_weight=1), optim=OptimConfig(lr=1e-2),
+                             eval_every=60, checkpoint_every=60, precision="float32")
+        trainer = Trainer(config, progress=False)
+        trainer.train()
+        model = trainer.export(base / "parent")
+    finally:
+        del os.environ["CASCADE_HOME"]
+    return {"corpus": corpus, "parent": model, "home": home}
+
+
+@pytest.fixture(autouse=True)
+def cascade_home(parent: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_HOME", str(parent["home"]))
+
+
+def _recipe(parent: dict[str, Path], **overrides: object) -> dict:
+    recipe = {
+        "name": "micro-cascade",
+        "parent": str(parent["parent"]),
+        "data": {"sources": [{"kind": "files", "paths": [str(parent["corpus"] / "*.py")]}], "seq_len": 32,
+                 "val_sequences": 8},
+        "calibration_sequences": 8,
+        "train": {"batch_size": 4, "eval_every": 5, "checkpoint_every": 5, "precision": "float32",
+                  "optim": {"lr": 2e-3}},
+        "stages": [
+            {"name": "micro-cascade-a", "target": {"params": _params(parent, 0.6)}, "tokens": 32 * 4 * 15},
+            {"name": "micro-cascade-b", "target": {"dims": {"num_hidden_layers": 2, "intermediate_size": 96}},
+             "tokens": 32 * 4 * 15},
+        ],
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+def _write(recipe: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _params(parent: dict[str, Path], fraction: float) -> int:
+    return int(Architecture.of(load_model(parent["parent"]).config).params * fraction)
+
+
+def test_micro_cascade_prunes_distills_and_registers_each_stage(parent, tmp_path):
+    recipe = _recipe(parent)
+    results = run_recipe(load_recipe(_write(recipe, tmp_path / "r.yaml")), tmp_path / "runs", progress=False)
+    assert [r["name"] for r in results] == ["micro-cascade-a", "micro-cascade-b"]
+    for card in results:
+        spec = get_model(card["name"])  # registered: servable by name
+        assert spec.path == parent["home"] / "models" / card["name"]
+        model = load_model(spec.path)
+        assert sum(p.numel() for p in model.parameters()) == card["params"]
+        assert card["final"]["val_kl"] < card["pruned_only"]["val_kl"]
+        assert (spec.path / "README.md").read_text().startswith(f"# {card['name']}")
+        assert json.loads((spec.path / "cascade-card.json").read_text())["tokens_seen"] == 32 * 4 * 15
+        assert (tmp_path / "runs" / card["name"] / "train" / "loss.png").is_file()
+    assert results[1]["initialised_from"] == str(parent["home"] / "models" / "micro-cascade-a")
+    assert results[1]["teacher"] == str(parent["parent"])  # every stage learns from the root parent
+    assert results[1]["architecture"]["num_hidden_layers"] == 2
+
+    # a second run finds every stage done: nothing is retrained, the same students are registered again
+    again = run_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "runs", progress=False)
+    assert [r["final"] for r in again] == [r["final"] for r in results]
+
+
+def test_the_default_recipe_is_valid():
+    recipe = load_recipe(ROOT / "distill" / "recipes" / "smollm2-cascade.yaml")
+    assert recipe.parent == "smollm2-135m-instruct" and len(recipe.stages) == 2
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r.update(learning_rate=1), "learning_rate: Extra inputs are not permitted"),
+    (lambda r: r["stages"][0]["target"].update(params="10"), "below the smallest child"),
+    (lambda r: r["stages"][1]["target"].update(dims={"hidden_size": 4096}), "stage 2 (micro-cascade-b): hidden_size"),
+    (lambda r: r.update(parent="no-such-model"), "unknown model 'no-such-model'"),
+    (lambda r: r["data"]["sources"][0].update(paths=["/nonexistent/*.txt"]), "no files match /nonexistent"),
+    (lambda r: r["stages"][1].update(name="micro-cascade-a"), "used twice"),
+    (lambda r: r["stages"][0].update(tokens="lots"), "not a count"),
+    (lambda r: r["stages"][0].update(teacher="grandparent"), "stages.0.teacher"),
+])
+def test_bad_recipes_fail_before_any_work(parent, tmp_path, change, message):
+    recipe = _recipe(parent)
+    change(recipe)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_recipe(load_recipe(_write(recipe, tmp_path / "r.yaml")))
+    assert not (parent["home"] / "runs").exists()
+
+
+def test_cli_dry_run_prints_the_plan_and_bad_recipes_exit_2(parent, tmp_path):
+    recipe = _recipe(parent)
+    env_cmd = [sys.executable, "-m", "distill", "cascade"]
+    ok = subprocess.run([*env_cmd, str(_write(recipe, tmp_path / "ok.yaml")), "--dry-run"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "stage 2 micro-cascade-b: 2 layers" in ok.stdout
+    recipe["stages"][0]["target"]["params"] = 10
+    bad = subprocess.run([*env_cmd, str(_write(recipe, tmp_path / "bad.yaml"))], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "below the smallest child" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run([*env_cmd, str(tmp_path / "nope.yaml")], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+# ---- data layer ----------------------------------------------------------------------------------------------
+
+
+def test_validation_documents_are_held_out_whole(parent):
+    config = DataConfig(sources=[SourceConfig(kind="files", paths=[str(parent["corpus"] / "*.py")])], seq_len=16,
+                        val_sequences=4)
+    tokens = build_tokens(config, parent["parent"])
+    assert tokens["val"].shape == (4, 16) and tokens["train"].shape[1] == 16
+    val = set(map(tuple, tokens["val"].unfold(1, 8, 8).reshape(-1, 8).tolist()))
+    train = set(map(tuple, tokens["train"].unfold(1, 8, 8).reshape(-1, 8).tolist()))
+    assert len(val & train) <= 1  # 8-token windows of held-out documents do not occur in training (allow a cliche)
+    again = build_tokens(config, parent["parent"])  # second call reads the cache
+    assert torch.equal(again["train"], tokens["train"])
+
+
+def test_jsonl_chat_records_are_rendered_with_the_chat_template(parent, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}]}
+            for i in range(40)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = DataConfig(sources=[SourceConfig(kind="files", paths=[str(data)])], seq_len=8, val_sequences=2)
+    tokens = build_tokens(config, parent["parent"])
+    from models.tokenizers import load_tokenizer
+
+    text = load_tokenizer(get_model(str(parent["parent"]))).decode(tokens["train"][:4].flatten().tolist())
+    assert "user: question" in text and "assistant: answer" in text
+    data.write_text('{"prompt": "x"}\n')
+    with pytest.raises(DataError, match="needs a 'text' string or a 'messages' list"):
+        build_tokens(config.model_copy(update={"seed": 1}), parent["parent"])
+
+
+def test_batches_depend_only_on_the_step_and_ranks_are_disjoint():
+    rows = torch.arange(40).view(20, 2)
+    a = BatchSampler(rows, batch_size=3, grad_accum=2, world=2, seed=0)
+    b = BatchSampler(rows, batch_size=3, grad_accum=2, world=2, seed=0)
+    assert torch.equal(a.batch(7, 1, 1), b.batch(7, 1, 1))
+    step = torch.cat([a.batch(0, m, r) for m in range(2) for r in range(2)])
+    assert len({tuple(x) for x in step.tolist()}) == 12  # no row twice within a step
+    epoch = torch.cat([a.batch(s, m, r) for s in range(5) for m in range(2) for r in range(2)])[:20]
+    assert sorted(epoch[:, 0].tolist()) == list(range(0, 40, 2))  # each row once per epoch
