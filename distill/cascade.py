@@ -210,6 +210,13 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
             seed=recipe.seed + i,
         )
         student_dir = cascade_home() / "models" / stage.name
+        done = _finished_card(student_dir, recipe, i, plan)
+        if done is not None:
+            if _rank0():
+                print(f"stage {i} {stage.name}: already done ({student_dir})")
+            results.append(done)
+            source_dir = student_dir
+            continue
         started = time.time()
         trainer = Trainer(train, progress=progress)
         final = trainer.train(resume=True)
@@ -218,7 +225,8 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
             "name": stage.name, "recipe": recipe.name, "stage": i, "parent": parent_spec.name,
             "initialised_from": str(source_dir), "teacher": str(teacher_dir),
             "architecture": plan.target.as_dict(), "params": plan.target.params,
-            "tokens_seen": trainer.step * trainer.tokens_per_step, "data": recipe.data.model_dump(),
+            "tokens_seen": trainer.step * trainer.tokens_per_step, "planned_tokens": stage.tokens,
+            "data": recipe.data.model_dump(),
             "loss": recipe.train.loss.model_dump(), "pruned_only": metrics[0] if metrics else {}, "final": final,
             "train_seconds": round(time.time() - started, 1),
         }
@@ -239,6 +247,18 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
         source_dir = student_dir
         _barrier()
     return results
+
+
+def _finished_card(student_dir: Path, recipe: Recipe, stage: int, plan: StagePlan) -> dict | None:
+    """The model card of this stage from an earlier run of the same recipe, if the student is complete."""
+    path = student_dir / "cascade-card.json"
+    if not is_prepared(student_dir, "distill") or not path.is_file():
+        return None
+    card = json.loads(path.read_text())
+    expected = {"recipe": recipe.name, "stage": stage, "architecture": plan.target.as_dict(),
+                "planned_tokens": plan.stage.tokens, "data": recipe.data.model_dump(),
+                "loss": recipe.train.loss.model_dump()}
+    return card if all(card.get(k) == v for k, v in expected.items()) else None
 
 
 def calibrate(model_dir: Path, recipe: Recipe, out: Path, progress: bool = True) -> Path:

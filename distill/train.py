@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from distill.data import BatchSampler, DataConfig, build_tokens
 from distill.losses import LossConfig, distill_loss, shared_vocab, token_divergence
-from distill.model_io import load_model, save_model
+from distill.model_io import check_same_tokenizer, load_model, save_model
 from models.checkpoint import COMPLETE_MARKER, atomic_directory
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,7 @@ class Trainer:
         from distill.teacher_cache import TeacherCache, cache_dir, ensure_cache
 
         config, teacher = self.config, Path(self.config.teacher)  # type: ignore[arg-type]
+        check_same_tokenizer(Path(config.student), teacher, self.student_config.vocab_size)
         needed = sorted({int(i) for step in range(self.total_steps) for micro in range(config.grad_accum)
                          for rank in range(self.world) for i in self.sampler.indices(step, micro, rank)})
         vocab = self.student_config.vocab_size
@@ -214,7 +215,8 @@ class Trainer:
 
     def _teacher(self, path: str) -> TeacherHidden:
         teacher = TeacherHidden(load_model(Path(path)).to(self.device))
-        shared_vocab(self.student.lm.config.vocab_size, teacher.lm.config.vocab_size)
+        vocab = shared_vocab(self.student.lm.config.vocab_size, teacher.lm.config.vocab_size)
+        check_same_tokenizer(Path(self.config.student), Path(path), vocab)
         if self.world > 1:
             _shard(teacher, teacher.lm)
         return teacher
@@ -339,6 +341,7 @@ class Trainer:
                    disable=not self.progress or self.rank != 0)
         started, start_step = time.perf_counter(), self.step
         last_good = latest
+        final: dict[str, float] | None = None
         while self.step < self.total_steps:
             lr = lr_at(self.step, self.total_steps, self.config.optim)
             for group in self.optimizer.param_groups:
@@ -357,14 +360,16 @@ class Trainer:
                                        metrics["ce"].double() * n, n])
             totals = _all_sum(totals)
             mean_loss = (totals[0] / totals[3]).item()
-            if not math.isfinite(mean_loss):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.optim.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
+                what = f"loss is {mean_loss}" if not math.isfinite(mean_loss) else f"gradient norm is {grad_norm}"
                 raise TrainingDivergedError(
-                    f"loss is {mean_loss} at step {self.step}; stopped. The last good checkpoint is "
+                    f"{what} at step {self.step}; stopped before the update. The last good checkpoint is "
                     f"{last_good or 'none (no checkpoint written yet)'}; lower optim.lr or check the data, then "
                     "resume with --resume"
                 )
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.optim.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -372,17 +377,18 @@ class Trainer:
             tok_s = (self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9)
             record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": mean_loss,
                       "kd": (totals[1] / totals[3]).item(), "ce": (totals[2] / totals[3]).item(), "lr": lr,
-                      "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                      "tokens_per_s": tok_s}
+                      "grad_norm": grad_norm, "tokens_per_s": tok_s}
             if self.step % self.config.eval_every == 0 or self.step == self.total_steps:
-                record |= self.evaluate()
+                final = self.evaluate()
+                record |= final
             self._log(record)
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:.0f}")
             bar.update()
             if self.step % self.config.checkpoint_every == 0 or self.step == self.total_steps:
                 last_good = self.save_checkpoint()
         bar.close()
-        final = self.evaluate()
+        if final is None:  # nothing left to train (a finished run resumed): evaluate what is there
+            final = self.evaluate()
         if self.rank == 0:
             from distill.plots import plot_training
 

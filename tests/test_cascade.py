@@ -100,9 +100,10 @@ def test_micro_cascade_prunes_distills_and_registers_each_stage(parent, tmp_path
     assert [r["final"] for r in again] == [r["final"] for r in results]
 
 
-def test_the_default_recipe_is_valid():
-    recipe = load_recipe(ROOT / "distill" / "recipes" / "smollm2-cascade.yaml")
-    assert recipe.parent == "smollm2-135m-instruct" and len(recipe.stages) == 2
+@pytest.mark.parametrize("path", sorted((ROOT / "distill" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.parent == "smollm2-135m-instruct" and recipe.stages
 
 
 @pytest.mark.parametrize("change,message", [

@@ -14,7 +14,7 @@ from distill.cascade import load_recipe, run_recipe
 from models.registry import ModelSpec, get_model
 from tests.conftest import start_server, stop_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
 def test_tiny_cascade_on_smollm2_is_served_by_vllm(smollm2: ModelSpec, tmp_path: Path,

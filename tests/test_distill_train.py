@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distill.data import DataConfig, SourceConfig
+from distill.losses import VocabMismatchError
 from distill.train import TrainConfig, Trainer, TrainingDivergedError, read_metrics
 from models.checkpoint import COMPLETE_MARKER
 from tests.distill_micro import write_corpus, write_micro_checkpoint
@@ -222,3 +223,14 @@ def test_a_cascade_stage_runs_under_torchrun(micro, tmp_path):
     assert all(torch.equal(trained[f"lm.{k}"], v) for k, v in exported.items() if k != "lm_head.weight")
     pruned = load_model(tmp_path / "runs" / "micro-fsdp-a" / "pruned")
     assert not torch.equal(pruned.model.norm.weight, model.model.norm.weight)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(micro, tmp_path):
+    other_corpus = tmp_path / "other"
+    other_corpus.mkdir()
+    (other_corpus / "one.py").write_text((micro["corpus"] / "textwrap.py").read_text())
+    stranger = write_micro_checkpoint(tmp_path / "stranger", other_corpus, seed=5)
+    with pytest.raises(VocabMismatchError, match=r"tokenizers differ: id \d+ is"):
+        Trainer(_config(micro, tmp_path / "run", teacher=str(stranger)), progress=False)
+    with pytest.raises(VocabMismatchError, match="tokenizers differ"):
+        Trainer(_config(micro, tmp_path / "run", teacher=str(stranger), teacher_top_k=8), progress=False)
