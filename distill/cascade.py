@@ -14,7 +14,6 @@ import glob
 import json
 import logging
 import re
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -217,7 +216,6 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
             results.append(done)
             source_dir = student_dir
             continue
-        started = time.time()
         trainer = Trainer(train, progress=progress)
         final = trainer.train(resume=True)
         metrics = read_metrics(Path(train.out_dir) / "metrics.jsonl") if _rank0() else []
@@ -228,7 +226,7 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
             "tokens_seen": trainer.step * trainer.tokens_per_step, "planned_tokens": stage.tokens,
             "data": recipe.data.model_dump(),
             "loss": recipe.train.loss.model_dump(), "pruned_only": metrics[0] if metrics else {}, "final": final,
-            "train_seconds": round(time.time() - started, 1),
+            "train_seconds": round(trainer.elapsed, 1),
         }
         trainer.export(student_dir, card)
         if _rank0():

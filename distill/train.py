@@ -193,6 +193,7 @@ class Trainer:
             lr=config.optim.lr, betas=config.optim.betas, foreach=True,
         )
         self.step = 0
+        self.elapsed = 0.0  # training wall time, summed over resumed runs
 
     def _cache(self):
         """Build (rank 0) or reuse the teacher's top-k for exactly the rows this run will read."""
@@ -259,6 +260,7 @@ class Trainer:
                 save_file({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
                 (tmp / "state.json").write_text(json.dumps({
                     "step": self.step, "total_steps": self.total_steps, "tokens_seen": self.step * self.tokens_per_step,
+                    "elapsed_s": self.elapsed,
                     "data_position": self.step * self.sampler.sequences_per_step, "optimizer": meta,
                     "world_size": self.world, "config": self.config.model_dump(),
                 }, indent=1) + "\n")
@@ -286,6 +288,7 @@ class Trainer:
         set_optimizer_state_dict(self.student, self.optimizer, optim, options=options)
         torch.set_rng_state(load_file(path / "rng.safetensors")["cpu"])
         self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed_s", 0.0))
         if self.rank == 0:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
         log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
@@ -339,7 +342,7 @@ class Trainer:
         self.student.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="distill", unit="step",
                    disable=not self.progress or self.rank != 0)
-        started, start_step = time.perf_counter(), self.step
+        started, start_step, elapsed_before = time.perf_counter(), self.step, self.elapsed
         last_good = latest
         final: dict[str, float] | None = None
         while self.step < self.total_steps:
@@ -374,6 +377,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             elapsed = time.perf_counter() - started
+            self.elapsed = elapsed_before + elapsed
             tok_s = (self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9)
             record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": mean_loss,
                       "kd": (totals[1] / totals[3]).item(), "ce": (totals[2] / totals[3]).item(), "lr": lr,

@@ -166,9 +166,9 @@ def test_jsonl_chat_records_are_rendered_with_the_chat_template(parent, tmp_path
 
     text = load_tokenizer(get_model(str(parent["parent"]))).decode(tokens["train"][:4].flatten().tolist())
     assert "user: question" in text and "assistant: answer" in text
-    data.write_text('{"prompt": "x"}\n')
+    data.write_text('{"prompt": "x"}\n')  # an edited file is read again, not served from the token cache
     with pytest.raises(DataError, match="needs a 'text' string or a 'messages' list"):
-        build_tokens(config.model_copy(update={"seed": 1}), parent["parent"])
+        build_tokens(config, parent["parent"])
 
 
 def test_batches_depend_only_on_the_step_and_ranks_are_disjoint():
