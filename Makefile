@@ -10,6 +10,8 @@ PYTEST_ARGS ?=
 RECIPE ?= distill/recipes/smollm2-cascade.yaml
 NPROC ?= 1
 DISTILL_ARGS ?=
+CHAT_PROMPTS ?= distill/prompts/general.jsonl
+CHAT_DATA ?= .cache/chat/$(MODEL)-general.jsonl
 STAMP := $(VENV)/.installed-$(DEVICE)
 CONSTRAINTS := $(wildcard constraints/$(DEVICE).txt)
 
@@ -20,7 +22,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install model serve test lint bench-serve distill bench-distill clean
+.PHONY: install model serve test lint bench-serve distill chat-data bench-distill clean
 
 install: $(STAMP)
 
@@ -58,6 +60,11 @@ ifeq ($(NPROC),1)
 else
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m distill cascade $(RECIPE) $(DISTILL_ARGS)
 endif
+
+# Chat distillation data: $(MODEL) answers $(CHAT_PROMPTS) through our server (resumable) -> $(CHAT_DATA),
+# the data of distill/recipes/smollm2-chat.yaml.
+chat-data: model
+	$(PY) -m distill answers $(CHAT_PROMPTS) $(CHAT_DATA) --teacher $(MODEL) $(ANSWERS_ARGS)
 
 # Baselines around the recipe (prune only, prune + CE, random init + CE, one-shot vs iterative) at equal tokens;
 # writes docs/distill-results.md and docs/distill/*.png. Runs the recipe first if needed.

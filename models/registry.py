@@ -137,7 +137,7 @@ def registered_models() -> dict[str, ModelSpec]:
 
 
 def all_models() -> dict[str, ModelSpec]:
-    return {**registered_models(), **REGISTRY}
+    return {**REGISTRY, **{k: v for k, v in registered_models().items() if k not in REGISTRY}}
 
 
 def get_model(name: str) -> ModelSpec:

@@ -31,7 +31,13 @@ class ChatTokenizer(Protocol):
         ...
 
     def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
-                    template_kwargs: dict[str, Any] | None = None) -> list[int]: ...
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """A prompt: the conversation so far, then the opening of the assistant's turn."""
+        ...
+
+    def encode_conversation(self, messages: list[Message]) -> list[int]:
+        """A finished conversation ending with the assistant's answer, as training text (no new turn opened)."""
+        ...
 
 
 class HFChatTokenizer:
@@ -58,9 +64,16 @@ class HFChatTokenizer:
 
     def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        return self._render(messages, tools, template_kwargs, add_generation_prompt=True)
+
+    def encode_conversation(self, messages: list[Message]) -> list[int]:
+        return self._render(messages, None, None, add_generation_prompt=False)
+
+    def _render(self, messages: list[Message], tools: list[dict[str, Any]] | None,
+                template_kwargs: dict[str, Any] | None, add_generation_prompt: bool) -> list[int]:
         try:
-            out = self.tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, **(template_kwargs or {}))
+            out = self.tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                               tokenize=True, return_dict=True, **(template_kwargs or {}))
         except Exception as e:  # jinja raises TemplateError, UndefinedError, TypeError... all mean "bad messages"
             raise ChatTemplateError(f"chat template failed: {e}") from e
         return list(out["input_ids"])
@@ -72,7 +85,9 @@ class MistralChatTokenizer:
     def __init__(self, path: Path) -> None:
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-        self.mistral = MistralTokenizer.from_file(str(path / "tekken.json"))
+        self._file = str(path / "tekken.json")
+        self.mistral = MistralTokenizer.from_file(self._file)
+        self._finetuning: MistralTokenizer | None = None  # made on first use: only training data needs it
         self.raw = self.mistral.instruct_tokenizer.tokenizer
         self.eos_token_id = int(self.raw.eos_id)
         self.supports_tools = True
@@ -101,6 +116,20 @@ class MistralChatTokenizer:
         try:
             request = ChatCompletionRequest.from_openai(messages, tools=tools, **(template_kwargs or {}))
             return list(self.mistral.encode_chat_completion(request).tokens)
+        except Exception as e:  # pydantic ValidationError, InvalidMessageStructureException, ...
+            raise ChatTemplateError(str(e).splitlines()[0]) from e
+
+    def encode_conversation(self, messages: list[Message]) -> list[int]:
+        """mistral_common's fine-tuning mode accepts (and closes with EOS) a final assistant message."""
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+        from mistral_common.protocol.instruct.validator import ValidationMode
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        if self._finetuning is None:
+            self._finetuning = MistralTokenizer.from_file(self._file, mode=ValidationMode.finetuning)
+        try:
+            request = ChatCompletionRequest.from_openai(messages)
+            return list(self._finetuning.encode_chat_completion(request).tokens)
         except Exception as e:  # pydantic ValidationError, InvalidMessageStructureException, ...
             raise ChatTemplateError(str(e).splitlines()[0]) from e
 

@@ -100,6 +100,32 @@ def test_micro_cascade_prunes_distills_and_registers_each_stage(parent, tmp_path
     assert [r["final"] for r in again] == [r["final"] for r in results]
 
 
+def test_bench_reports_every_baseline_at_equal_tokens(parent, tmp_path, monkeypatch):
+    from distill.bench import run
+
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path / "home"))  # its runs and students stay out of the shared home
+    recipe = _recipe(parent, name="micro-bench")
+    for stage, name in zip(recipe["stages"], ("micro-bench-a", "micro-bench-b"), strict=True):
+        stage["name"] = name
+    result = run(_write(recipe, tmp_path / "bench.yaml"), tmp_path / "docs")
+    report = (tmp_path / "docs" / "distill-results.md").read_text()
+    choices, first, second, iterative = result["stages"]
+    assert choices["rows"][0]["variant"] == "FFN + depth (default)" and len(choices["rows"]) >= 6
+    assert all(r["tokens"] == 0 for r in choices["rows"])
+    for stage in (first, second):
+        rows = {r["variant"]: r for r in stage["rows"]}
+        assert set(rows) == {"pruned only", "prune + distill", "prune + CE", "random init + CE"}
+        assert {r["tokens"] for r in stage["rows"][1:]} == {32 * 4 * 15}  # equal budgets
+        assert rows["prune + distill"]["val_kl"] < rows["pruned only"]["val_kl"]
+        assert f"| prune + distill | {32 * 4 * 15:,} |" in report
+    assert {r["params"] for r in iterative["rows"]} == {second["rows"][0]["params"]}
+    assert "one-shot prune + distill (3,840 tokens)" in report
+    assert report.count("Minitron's claim") == 2 and "Iterative vs one-shot at" in report
+    for name in ("micro-bench-a", "micro-bench-b", "iterative-vs-one-shot"):
+        assert (tmp_path / "docs" / "distill" / f"{name}.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "docs" / "distill" / "results.json").read_text())["recipe"] == "micro-bench"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "distill" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)

@@ -1,0 +1,89 @@
+"""Chat distillation data: the teacher's answers through the real server, resumable, and read back as training text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill.answers import AnswerSettings, read_prompts, write_answers
+from distill.data import DataError, file_documents
+from models.registry import ModelSpec
+from models.tokenizers import load_tokenizer
+from tests.conftest import RunningServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lines(path: Path, records: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.server
+def test_teacher_answers_are_written_resumed_and_read_as_chat_data(server: RunningServer, smollm2: ModelSpec,
+                                                                   tmp_path: Path) -> None:
+    prompts = _lines(tmp_path / "prompts.jsonl", [
+        {"prompt": "What is the capital of France?"},
+        {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a color."}]},
+        {"prompt": "Write the number seven in digits."},
+    ])
+    out = tmp_path / "answers.jsonl"
+    # an earlier run was interrupted after answering prompt 2 (and tore its last line): only 1 and 3 are asked
+    (tmp_path / "answers.jsonl.partial").write_text(
+        json.dumps({"index": 1, "answer": "Blue, from before.", "finish_reason": "stop"}) + "\n{\"index\": 2, \"ans")
+    counts = write_answers(prompts, out, server.base_url, server.api_key, AnswerSettings(max_tokens=24),
+                           progress=False)
+    assert counts["answers"] == 3
+    assert not (tmp_path / "answers.jsonl.partial").exists()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["messages"][-1]["role"] for r in records] == ["assistant"] * 3
+    assert records[0]["messages"][-1]["content"] == "The capital of France is Paris."  # greedy, as served
+    assert records[1]["messages"][-1]["content"] == "Blue, from before."  # kept from the interrupted run
+    assert records[1]["messages"][0]["role"] == "system"
+    assert records[2]["messages"][-1]["content"] and records[0]["teacher"] == smollm2.name
+
+    # the file is chat training data: the files source renders each conversation with the teacher's chat template
+    tokenizer = load_tokenizer(smollm2)
+    documents = list(file_documents([str(out)], tokenizer))
+    assert len(documents) == 3 and all(isinstance(ids, list) for _, ids in documents)
+    text = tokenizer.decode(documents[1][1])
+    assert "<|im_start|>system\nAnswer briefly." in text and "<|im_start|>assistant\nBlue, from before." in text
+
+
+@pytest.mark.parametrize("name", ["tiny-mistral", "smollm2-135m-instruct"])
+def test_chat_records_are_finished_conversations(name: str, tmp_path: Path) -> None:
+    """Training text ends with the answer closed by EOS, not with the opening of another assistant turn."""
+    from models.prepare import prepare
+    from models.registry import get_model
+
+    spec = get_model(name)
+    prepare(spec)
+    tokenizer = load_tokenizer(spec)
+    conversation = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]
+    path = _lines(tmp_path / "chat.jsonl", [{"messages": conversation}])
+    [(_, ids)] = list(file_documents([str(path)], tokenizer))
+    assert tokenizer.decode(ids).split("Blue.")[-1].strip() in ("", "<|im_end|>")  # closed, no new turn opened
+    assert tokenizer.eos_token_id in ids[-2:]
+    assert ids[: len(prompt := tokenizer.encode_chat(conversation[:1]))] == prompt  # the prompt as served
+
+
+def test_bad_prompt_files_name_the_line(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"p.jsonl:2: a line needs a 'prompt'"):
+        read_prompts(_lines(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"text": "no"}]))
+    with pytest.raises(DataError, match="last message must be the user's turn"):
+        read_prompts(_lines(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                                 {"role": "assistant", "content": "b"}]}]))
+    with pytest.raises(DataError, match="does not exist"):
+        read_prompts(tmp_path / "missing.jsonl")
+
+
+def test_cli_reports_an_unreachable_endpoint_in_one_line(tmp_path: Path) -> None:
+    prompts = _lines(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    r = subprocess.run([sys.executable, "-m", "distill", "answers", str(prompts), str(tmp_path / "out.jsonl"),
+                        "--endpoint", "http://127.0.0.1:9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot reach http://127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out.jsonl").exists()
