@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                          "'--max-model-len 4096 --dtype bfloat16'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
 
     import yaml
     from pydantic import ValidationError
