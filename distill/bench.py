@@ -18,17 +18,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from distill.calibrate import STATS_FILE, load_importance
-from distill.cascade import Recipe, load_recipe, plan_recipe, prune_checkpoint, run_recipe
+from distill.cascade import (
+    Recipe,
+    fingerprint,
+    importance_marker,
+    load_recipe,
+    plan_recipe,
+    prune_checkpoint,
+    pruned_marker,
+    run_recipe,
+)
 from distill.losses import LossConfig
 from distill.model_io import load_config
 from distill.plan import Architecture, Axis, FfnScore, LayerScore, PlanError, TiedEmbeddings, plan_architecture
 from distill.plots import plot_curves
-from distill.train import TrainConfig, Trainer, read_metrics
+from distill.train import CheckpointMismatchError, TrainConfig, Trainer, read_metrics
 from models.checkpoint import is_prepared
 from models.registry import cascade_home
 
@@ -48,7 +58,13 @@ def _train(recipe: Recipe, out: Path, student: Path, teacher: Path | None, eval_
         checkpoint_every=recipe.train.checkpoint_every, precision=recipe.train.precision, random_init=random_init,
         seed=seed,
     )
-    Trainer(config).train(resume=True)
+    trainer = Trainer(config)
+    try:
+        trainer.train(resume=True)
+    except CheckpointMismatchError as e:  # a baseline of an older recipe or pruned start: redo it, it is derived
+        log.info("%s; starting this baseline again", e)
+        shutil.rmtree(out)
+        trainer.train()
     return read_metrics(out / "metrics.jsonl")
 
 
@@ -69,16 +85,17 @@ PRUNING_CHOICES: list[PruningChoice] = [
 ]
 
 
-def _zero_shot(recipe: Recipe, student: Path, parent_dir: Path, out: Path) -> dict[str, float]:
+def _zero_shot(recipe: Recipe, student: Path, parent_dir: Path, out: Path, start: str) -> dict[str, float]:
     """Held-out perplexity, KL and top-1 agreement of an untrained checkpoint (the trainer's own evaluation)."""
     cache = out / "eval.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    key = fingerprint(start, recipe.data.model_dump())
+    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+        return json.loads(cache.read_text())["metrics"]
     config = TrainConfig(student=str(student), eval_teacher=str(parent_dir), out_dir=str(out), data=recipe.data,
                          tokens=1, batch_size=recipe.train.batch_size, precision=recipe.train.precision,
                          seed=recipe.seed)
     result = Trainer(config, progress=False).evaluate()
-    cache.write_text(json.dumps(result))
+    cache.write_text(json.dumps({"key": key, "metrics": result}))
     return result
 
 
@@ -86,6 +103,7 @@ def pruning_choices(recipe: Recipe, parent_dir: Path, stats_path: Path, params: 
     """Every PRUNING_CHOICES variant pruned from the parent to `params`, evaluated before any training."""
     parent = Architecture.of(load_config(parent_dir))
     stats = load_importance(stats_path)
+    importance = importance_marker(parent_dir, recipe)
     rows = []
     for label, axes, layer_score, ffn_score, tied in PRUNING_CHOICES:
         try:
@@ -95,10 +113,11 @@ def pruning_choices(recipe: Recipe, parent_dir: Path, stats_path: Path, params: 
             continue
         slug = "-".join(label.split(" (")[0].replace(",", "").split()).lower()
         out = bench / "pruning-choices" / slug
-        if not is_prepared(out / "pruned", "pruned"):
-            variant = recipe.model_copy(update={"layer_score": layer_score, "ffn_score": ffn_score})
-            prune_checkpoint(parent_dir, stats, target, variant, out / "pruned")
-        metrics = _zero_shot(recipe, out / "pruned", parent_dir, out)
+        variant = recipe.model_copy(update={"layer_score": layer_score, "ffn_score": ffn_score})
+        start = pruned_marker(importance, target, variant)
+        if not is_prepared(out / "pruned", start):
+            prune_checkpoint(parent_dir, stats, target, variant, out / "pruned", start)
+        metrics = _zero_shot(recipe, out / "pruned", parent_dir, out, start)
         rows.append({"variant": label, "architecture": target.describe(), "params": target.params, "tokens": 0,
                      "val_ppl": metrics["val_ppl"], "val_kl": metrics["val_kl"],
                      "val_top1_agree": metrics["val_top1_agree"]})
@@ -147,8 +166,9 @@ def run(recipe_path: Path, docs: Path) -> dict:
     last = plans[-1]
     total_tokens = sum(card["tokens_seen"] for card in cards)  # what the cascade really read (whole steps)
     one_shot_dir = bench / "one-shot" / "pruned"
-    if not is_prepared(one_shot_dir, "pruned"):
-        prune_checkpoint(parent.checkpoint_dir, load_importance(stats_path), last.target, recipe, one_shot_dir)
+    start = pruned_marker(importance_marker(parent.checkpoint_dir, recipe), last.target, recipe)
+    if not is_prepared(one_shot_dir, start):
+        prune_checkpoint(parent.checkpoint_dir, load_importance(stats_path), last.target, recipe, one_shot_dir, start)
     one_shot = _train(recipe, bench / "one-shot" / "train", one_shot_dir, parent.checkpoint_dir,
                       parent.checkpoint_dir, total_tokens, recipe.seed + 100)
     cascade_last = read_metrics(runs / last.stage.name / "train" / "metrics.jsonl")

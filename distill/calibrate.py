@@ -107,9 +107,10 @@ def collect_importance(model: PreTrainedModel, batches: torch.Tensor, progress: 
     return acc
 
 
-def save_importance(stats: dict[str, torch.Tensor], out_dir: Path, meta: dict[str, str]) -> Path:
+def save_importance(stats: dict[str, torch.Tensor], out_dir: Path, meta: dict[str, str],
+                    marker: str = "importance") -> Path:
     """Atomically write `<out_dir>/importance.safetensors` (+ a JSON summary a person can read)."""
-    with atomic_directory(out_dir, "importance") as tmp:
+    with atomic_directory(out_dir, marker) as tmp:
         save_file({k: v.contiguous() for k, v in stats.items()}, tmp / STATS_FILE, metadata=meta)
         summary = {
             **meta,

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from distill.calibrate import STATS_FILE, collect_importance, load_importance, save_importance
 from distill.data import DataConfig, build_tokens
 from distill.losses import LossConfig
-from distill.model_io import load_config, load_model, model_from_state, plain_state, save_model
+from distill.model_io import load_config, load_model, model_from_state, plain_state, save_model, weights_state
 from distill.plan import (
     Architecture,
     Axis,
@@ -36,7 +38,7 @@ from distill.plan import (
     plan_architecture,
     prune_to,
 )
-from distill.train import OptimConfig, TrainConfig, Trainer, read_metrics
+from distill.train import RESUMABLE_FIELDS, OptimConfig, TrainConfig, Trainer, read_metrics
 from models.checkpoint import is_prepared
 from models.registry import REGISTRY, ModelSpec, cascade_home, get_model, register_model
 
@@ -193,12 +195,18 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
         stage, stage_dir = plan.stage, runs / plan.stage.name
         teacher_dir = parent_dir if stage.teacher == "parent" else source_dir
         pruned_dir = stage_dir / "pruned"
+        # Each step's directory is stamped with what it was made from: a changed recipe or a retrained source
+        # rebuilds it (and drops training checkpoints that started from the old pruned model) instead of reusing it.
+        importance_stamp = importance_marker(source_dir, recipe)
+        pruned_stamp = pruned_marker(importance_stamp, plan.target, recipe)
         if _rank0():
             importance = stage_dir / "importance"
-            if not is_prepared(importance, "importance"):
-                calibrate(source_dir, recipe, importance, progress)
-            if not is_prepared(pruned_dir, "pruned"):
-                prune_checkpoint(source_dir, load_importance(importance / STATS_FILE), plan.target, recipe, pruned_dir)
+            if not is_prepared(importance, importance_stamp):
+                calibrate(source_dir, recipe, importance, progress, importance_stamp)
+            if not is_prepared(pruned_dir, pruned_stamp):
+                prune_checkpoint(source_dir, load_importance(importance / STATS_FILE), plan.target, recipe, pruned_dir,
+                                 pruned_stamp)
+                shutil.rmtree(stage_dir / "train", ignore_errors=True)
         _barrier()
         train = TrainConfig(
             student=str(pruned_dir), teacher=str(teacher_dir), eval_teacher=str(parent_dir),
@@ -209,7 +217,7 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
             seed=recipe.seed + i,
         )
         student_dir = cascade_home() / "models" / stage.name
-        done = _finished_card(student_dir, recipe, i, plan)
+        done = _finished_card(student_dir, recipe, i, plan, pruned_stamp, train)
         if done is not None:
             if _rank0():
                 print(f"stage {i} {stage.name}: already done ({student_dir})")
@@ -226,7 +234,7 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
             "tokens_seen": trainer.step * trainer.tokens_per_step, "planned_tokens": stage.tokens,
             "data": recipe.data.model_dump(),
             "loss": recipe.train.loss.model_dump(), "pruned_only": metrics[0] if metrics else {}, "final": final,
-            "train_seconds": round(trainer.elapsed, 1),
+            "train_seconds": round(trainer.elapsed, 1), "start": pruned_stamp, "train_config": _settings(train),
         }
         trainer.export(student_dir, card)
         if _rank0():
@@ -247,34 +255,52 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
     return results
 
 
-def _finished_card(student_dir: Path, recipe: Recipe, stage: int, plan: StagePlan) -> dict | None:
-    """The model card of this stage from an earlier run of the same recipe, if the student is complete."""
+def _finished_card(student_dir: Path, recipe: Recipe, stage: int, plan: StagePlan, start: str,
+                   train: TrainConfig) -> dict | None:
+    """The model card of this stage from an earlier run with the same start and settings, if the student is complete."""
     path = student_dir / "cascade-card.json"
     if not is_prepared(student_dir, "distill") or not path.is_file():
         return None
     card = json.loads(path.read_text())
-    expected = {"recipe": recipe.name, "stage": stage, "architecture": plan.target.as_dict(),
-                "planned_tokens": plan.stage.tokens, "data": recipe.data.model_dump(),
-                "loss": recipe.train.loss.model_dump()}
+    expected = {"recipe": recipe.name, "stage": stage, "architecture": plan.target.as_dict(), "start": start,
+                "train_config": _settings(train)}
     return card if all(card.get(k) == v for k, v in expected.items()) else None
 
 
-def calibrate(model_dir: Path, recipe: Recipe, out: Path, progress: bool = True) -> Path:
+def _settings(train: TrainConfig) -> dict:
+    """What decides a student besides its start: everything but where files go and how often they are written."""
+    return train.model_dump(mode="json", exclude={"student", *RESUMABLE_FIELDS})
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def importance_marker(source_dir: Path, recipe: Recipe) -> str:
+    return "importance " + fingerprint(str(source_dir), weights_state(source_dir), recipe.data.model_dump(),
+                                       recipe.calibration_sequences)
+
+
+def pruned_marker(importance: str, target: Architecture, recipe: Recipe) -> str:
+    return "pruned " + fingerprint(importance, target.as_dict(), recipe.layer_score, recipe.ffn_score)
+
+
+def calibrate(model_dir: Path, recipe: Recipe, out: Path, progress: bool = True, marker: str = "importance") -> Path:
     """Importance statistics of `model_dir` over the first calibration sequences of the training split."""
     rows = build_tokens(recipe.data, model_dir)["train"][: recipe.calibration_sequences]
     batches = rows.view(-1, 1, rows.shape[1]) if len(rows) % 4 else rows.view(-1, 4, rows.shape[1])
     model = load_model(model_dir)
     stats = collect_importance(model, batches, progress=progress)
-    return save_importance(stats, out, {"model": str(model_dir), "sequences": str(len(rows))})
+    return save_importance(stats, out, {"model": str(model_dir), "sequences": str(len(rows))}, marker)
 
 
 def prune_checkpoint(source_dir: Path, stats: dict[str, torch.Tensor], target: Architecture, recipe: Recipe,
-                     out: Path) -> Path:
+                     out: Path, marker: str = "pruned") -> Path:
     model = load_model(source_dir)
     config, state = prune_to(model.config, plain_state(model), stats, target, recipe.layer_score, recipe.ffn_score)
     child = model_from_state(config, state)
     log.info("pruned %s -> %s", source_dir, Architecture.of(child.config).describe())
-    return save_model(child, out, source_dir, recipe="pruned")
+    return save_model(child, out, source_dir, recipe=marker)
 
 
 def model_card(card: dict) -> str:

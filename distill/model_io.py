@@ -92,6 +92,11 @@ def check_same_tokenizer(student: Path, teacher: Path, vocab: int) -> None:
                                      f"in {teacher}; distillation on logits needs the same tokenizer")
 
 
+def weights_state(model_dir: Path) -> list[list[str | int]]:
+    """A checkpoint's weight files by name, size and modification time: retraining or replacing it changes them."""
+    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in sorted(model_dir.glob("*.safetensors"))]
+
+
 def copy_tokenizer(source: Path, dest: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():

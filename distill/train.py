@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from distill.data import BatchSampler, DataConfig, build_tokens
 from distill.losses import LossConfig, distill_loss, shared_vocab, token_divergence
-from distill.model_io import check_same_tokenizer, load_model, save_model
+from distill.model_io import check_same_tokenizer, load_model, save_model, weights_state
 from models.checkpoint import COMPLETE_MARKER, atomic_directory
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,14 @@ class TrainConfig(BaseModel):
 
 class TrainingDivergedError(RuntimeError):
     pass
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written under other settings: resuming it would silently mix two runs."""
+
+
+# Settings a resumed run may change: where it writes and how often; everything else must match its checkpoint.
+RESUMABLE_FIELDS = ("out_dir", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 
 class StudentLoss(nn.Module):
@@ -173,6 +181,7 @@ class Trainer:
         self.tokens_per_step = self.sampler.sequences_per_step * config.data.seq_len
         self.total_steps = math.ceil(config.tokens / self.tokens_per_step)
 
+        self.student_weights = weights_state(Path(config.student))  # a resumed run must start from the same weights
         student = load_model(Path(config.student)).to(self.device)
         if config.random_init:
             _reinit(student, config.seed)
@@ -262,7 +271,8 @@ class Trainer:
                     "step": self.step, "total_steps": self.total_steps, "tokens_seen": self.step * self.tokens_per_step,
                     "elapsed_s": self.elapsed,
                     "data_position": self.step * self.sampler.sequences_per_step, "optimizer": meta,
-                    "world_size": self.world, "config": self.config.model_dump(),
+                    "world_size": self.world, "config": self.config.model_dump(mode="json"),
+                    "student_weights": self.student_weights,
                 }, indent=1) + "\n")
             for old in sorted(p for p in self.checkpoint_root.glob("step-*") if p != path)[:-(
                     self.config.keep_checkpoints - 1) or None]:
@@ -279,6 +289,14 @@ class Trainer:
         )
 
         state = json.loads((path / "state.json").read_text())
+        now = self.config.model_dump(mode="json")
+        differ = [k for k, v in now.items() if k not in RESUMABLE_FIELDS and state["config"].get(k) != v]
+        if state.get("student_weights", self.student_weights) != self.student_weights:
+            differ.append(f"the weights in {self.config.student}")
+        if differ:
+            raise CheckpointMismatchError(
+                f"{path} was written with other settings ({', '.join(differ)} differ); resume with the settings it "
+                f"was written with, or delete {self.checkpoint_root} to start this run again")
         model = load_file(path / "model.safetensors")
         if getattr(self.student_config, "tie_word_embeddings", False):
             model["lm.lm_head.weight"] = model["lm.model.embed_tokens.weight"]

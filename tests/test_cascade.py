@@ -100,6 +100,25 @@ def test_micro_cascade_prunes_distills_and_registers_each_stage(parent, tmp_path
     assert [r["final"] for r in again] == [r["final"] for r in results]
 
 
+def test_a_changed_recipe_rebuilds_what_it_changes(parent, tmp_path):
+    recipe = _recipe(parent, name="micro-change")
+    for stage, name in zip(recipe["stages"], ("micro-change-a", "micro-change-b"), strict=True):
+        stage["name"] = name
+    first = run_recipe(load_recipe(_write(recipe, tmp_path / "r.yaml")), tmp_path / "runs", progress=False)
+    recipe["stages"][0]["target"] = {"dims": {"num_hidden_layers": 4}}  # stage 1 is cut differently now
+    second = run_recipe(load_recipe(_write(recipe, tmp_path / "r.yaml")), tmp_path / "runs", progress=False)
+    assert first[0]["architecture"] != second[0]["architecture"]
+    assert second[0]["architecture"]["num_hidden_layers"] == 4
+    for card in second:  # the students really have the new shapes: nothing stale was resumed or reused
+        model = load_model(get_model(card["name"]).path)
+        assert sum(p.numel() for p in model.parameters()) == card["params"]
+        assert card["tokens_seen"] == 32 * 4 * 15
+    assert second[1]["final"] != first[1]["final"]  # stage 2 pruned the new stage-1 student again
+    recipe["train"]["optim"]["lr"] = 1e-3  # same starts, other settings: the half-done or done run is not mixed in
+    with pytest.raises(ValueError, match="optim differ"):
+        run_recipe(load_recipe(_write(recipe, tmp_path / "r.yaml")), tmp_path / "runs", progress=False)
+
+
 def test_bench_reports_every_baseline_at_equal_tokens(parent, tmp_path, monkeypatch):
     from distill.bench import run
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from distill.data import DataConfig, SourceConfig
 from distill.losses import VocabMismatchError
-from distill.train import TrainConfig, Trainer, TrainingDivergedError, read_metrics
+from distill.train import CheckpointMismatchError, TrainConfig, Trainer, TrainingDivergedError, read_metrics
 from models.checkpoint import COMPLETE_MARKER
 from tests.distill_micro import write_corpus, write_micro_checkpoint
 
@@ -106,15 +106,34 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(micro, tmp_pa
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(micro, tmp_path):
+    trainer = Trainer(_config(micro, tmp_path / "run", tokens=32 * 4 * 8, checkpoint_every=2), progress=False)
+    calls = 0
+
+    def corrupt_after_step_4(module, args, output):  # the teacher goes bad mid-run: every KD loss is NaN from then
+        nonlocal calls
+        calls += 1
+        return output * float("nan") if calls > 2 + 4 else output  # 2 evaluation batches, then one call a step
+
+    trainer.teacher.lm.model.norm.register_forward_hook(corrupt_after_step_4)
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 4.*step-000004"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_resume_refuses_a_checkpoint_written_with_other_settings(micro, tmp_path):
     config = _config(micro, tmp_path / "run", tokens=32 * 4 * 4, checkpoint_every=2)
     Trainer(config, progress=False).train()
-    longer = config.model_copy(update={"tokens": 32 * 4 * 8})
-    trainer = Trainer(longer, progress=False)
-    with torch.no_grad():
-        trainer.teacher.lm.model.norm.weight.fill_(float("nan"))  # a corrupted teacher: every KD loss is NaN
-    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 4.*step-000004"):
-        trainer.train(resume=True)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    for change in ({"tokens": 32 * 4 * 8}, {"optim": {"lr": 1e-3}}, {"loss": {"divergence": "reverse_kl"}}):
+        changed = TrainConfig.model_validate({**config.model_dump(), **change})
+        with pytest.raises(CheckpointMismatchError, match=f"{next(iter(change))} differ.*delete"):
+            Trainer(changed, progress=False).train(resume=True)
+    # where and how often it writes may change; the finished run is found and evaluated, not retrained
+    moved = config.model_copy(update={"eval_every": 3, "checkpoint_every": 1})
+    assert Trainer(moved, progress=False).train(resume=True) == Trainer(config, progress=False).train(resume=True)
+    # the same path with other weights in it (e.g. pruned again) is another start
+    (micro["student"] / "model.safetensors").touch()
+    with pytest.raises(CheckpointMismatchError, match="the weights in"):
+        Trainer(config, progress=False).train(resume=True)
 
 
 def test_cli_reports_a_nan_teacher_in_one_line(micro, tmp_path):
