@@ -147,15 +147,13 @@ def run(recipe_path: Path, docs: Path) -> dict:
         stage_dir = runs / plan.stage.name
         pruned = stage_dir / "pruned"
         kd = read_metrics(stage_dir / "train" / "metrics.jsonl")
-        started = time.time()
         ce = _train(recipe, bench / plan.stage.name / "pruned-ce", pruned, None, parent.checkpoint_dir,
                     plan.stage.tokens, recipe.seed + i)
         scratch = _train(recipe, bench / plan.stage.name / "scratch-ce", pruned, None, parent.checkpoint_dir,
                          plan.stage.tokens, recipe.seed + i, random_init=True, lr_scale=3.0)
         rows = [_row("pruned only", card["params"], kd, 0), _row("prune + distill", card["params"], kd),
                 _row("prune + CE", card["params"], ce), _row("random init + CE", card["params"], scratch)]
-        stages.append({"stage": i, "name": plan.stage.name, "architecture": plan.target.describe(), "rows": rows,
-                       "baseline_seconds": round(time.time() - started)})
+        stages.append({"stage": i, "name": plan.stage.name, "architecture": plan.target.describe(), "rows": rows})
         curves[plan.stage.name] = {
             "prune + distill": [(m["tokens"], m["val_ce"]) for m in kd if "val_ce" in m],
             "prune + CE": [(m["tokens"], m["val_ce"]) for m in ce if "val_ce" in m],
