@@ -78,11 +78,10 @@ async def _answer_all(base_url: str, api_key: str | None, model: str, prompts: l
                       settings: AnswerSettings, partial: Path, progress: bool) -> dict[int, dict[str, Any]]:
     done = _done(partial)
     todo = [i for i in range(len(prompts)) if i not in done]
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(settings.concurrency)
     bar = tqdm(total=len(prompts), initial=len(done), desc="answers", unit="prompt", disable=not progress)
     with partial.open("a", encoding="utf-8") as out:
-        async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=settings.timeout_s) as client:
+        async with httpx.AsyncClient(base_url=base_url, headers=_auth(api_key), timeout=settings.timeout_s) as client:
 
             async def one(i: int) -> None:
                 body = {"model": model, "messages": prompts[i], "max_tokens": settings.max_tokens,
@@ -107,11 +106,14 @@ async def _answer_all(base_url: str, api_key: str | None, model: str, prompts: l
     return done
 
 
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def served_model(base_url: str, api_key: str | None) -> str:
     """The one model a server serves (`/v1/models`); also checks that the endpoint is reachable."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=30)
+        r = httpx.get(f"{base_url}/v1/models", headers=_auth(api_key), timeout=30)
     except httpx.HTTPError as e:
         raise EndpointError(f"cannot reach {base_url}: {e}") from e
     if r.status_code != 200:

@@ -143,10 +143,11 @@ def run(recipe_path: Path, docs: Path) -> dict:
                               or plans[0].target.params, bench)
     stages = []
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    kd_metrics: dict[str, list[dict]] = {}
     for i, (plan, card) in enumerate(zip(plans, cards, strict=True), 1):
         stage_dir = runs / plan.stage.name
         pruned = stage_dir / "pruned"
-        kd = read_metrics(stage_dir / "train" / "metrics.jsonl")
+        kd = kd_metrics[plan.stage.name] = read_metrics(stage_dir / "train" / "metrics.jsonl")
         ce = _train(recipe, bench / plan.stage.name / "pruned-ce", pruned, None, parent.checkpoint_dir,
                     plan.stage.tokens, recipe.seed + i)
         scratch = _train(recipe, bench / plan.stage.name / "scratch-ce", pruned, None, parent.checkpoint_dir,
@@ -169,7 +170,7 @@ def run(recipe_path: Path, docs: Path) -> dict:
         prune_checkpoint(parent.checkpoint_dir, load_importance(stats_path), last.target, recipe, one_shot_dir, start)
     one_shot = _train(recipe, bench / "one-shot" / "train", one_shot_dir, parent.checkpoint_dir,
                       parent.checkpoint_dir, total_tokens, recipe.seed + 100)
-    cascade_last = read_metrics(runs / last.stage.name / "train" / "metrics.jsonl")
+    cascade_last = kd_metrics[last.stage.name]
     iterative = {
         "stage": "iterative vs one-shot", "name": last.stage.name, "architecture": last.target.describe(),
         "rows": [
@@ -186,9 +187,8 @@ def run(recipe_path: Path, docs: Path) -> dict:
     }
     done = 0
     for plan, card in zip(plans, cards, strict=True):  # the cascade's path: every stage, end to end
-        metrics = read_metrics(runs / plan.stage.name / "train" / "metrics.jsonl")
         curves["iterative-vs-one-shot"][f"cascade stage {card['stage']} ({plan.target.params / 1e6:.1f}M)"] = [
-            (m["tokens"] + done, m["val_kl"]) for m in metrics if "val_kl" in m]
+            (m["tokens"] + done, m["val_kl"]) for m in kd_metrics[plan.stage.name] if "val_kl" in m]
         done += card["tokens_seen"]
     teacher = _teacher_eval(recipe, parent.checkpoint_dir, bench / "teacher-eval.json")
     result = {"recipe": recipe.name, "parent": parent.name, "parent_arch": plans[0].source.describe(),
