@@ -89,8 +89,9 @@ def _zero_shot(recipe: Recipe, student: Path, parent_dir: Path, out: Path, start
     """Held-out perplexity, KL and top-1 agreement of an untrained checkpoint (the trainer's own evaluation)."""
     cache = out / "eval.json"
     key = fingerprint(start, recipe.data.model_dump())
-    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
-        return json.loads(cache.read_text())["metrics"]
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if cached.get("key") == key:
+        return cached["metrics"]
     config = TrainConfig(student=str(student), eval_teacher=str(parent_dir), out_dir=str(out), data=recipe.data,
                          tokens=1, batch_size=recipe.train.batch_size, precision=recipe.train.precision,
                          seed=recipe.seed)

@@ -111,25 +111,25 @@ class MistralChatTokenizer:
 
     def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        from mistral_common.protocol.instruct.request import ChatCompletionRequest
-
-        try:
-            request = ChatCompletionRequest.from_openai(messages, tools=tools, **(template_kwargs or {}))
-            return list(self.mistral.encode_chat_completion(request).tokens)
-        except Exception as e:  # pydantic ValidationError, InvalidMessageStructureException, ...
-            raise ChatTemplateError(str(e).splitlines()[0]) from e
+        return self._render(self.mistral, messages, tools, template_kwargs)
 
     def encode_conversation(self, messages: list[Message]) -> list[int]:
         """mistral_common's fine-tuning mode accepts (and closes with EOS) a final assistant message."""
-        from mistral_common.protocol.instruct.request import ChatCompletionRequest
         from mistral_common.protocol.instruct.validator import ValidationMode
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         if self._finetuning is None:
             self._finetuning = MistralTokenizer.from_file(self._file, mode=ValidationMode.finetuning)
+        return self._render(self._finetuning, messages, None, None)
+
+    @staticmethod
+    def _render(tokenizer: Any, messages: list[Message], tools: list[dict[str, Any]] | None,
+                template_kwargs: dict[str, Any] | None) -> list[int]:
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
         try:
-            request = ChatCompletionRequest.from_openai(messages)
-            return list(self._finetuning.encode_chat_completion(request).tokens)
+            request = ChatCompletionRequest.from_openai(messages, tools=tools, **(template_kwargs or {}))
+            return list(tokenizer.encode_chat_completion(request).tokens)
         except Exception as e:  # pydantic ValidationError, InvalidMessageStructureException, ...
             raise ChatTemplateError(str(e).splitlines()[0]) from e
 
