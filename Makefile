@@ -22,7 +22,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install model serve test lint bench-serve distill chat-data bench-distill clean
+.PHONY: install model serve test lint bench-serve distill chat-data bench-distill bench-kernels clean
 
 install: $(STAMP)
 
@@ -70,6 +70,12 @@ chat-data: model
 # writes docs/distill-results.md and docs/distill/*.png. Runs the recipe first if needed.
 bench-distill: $(STAMP)
 	$(PY) -m distill.bench --recipe $(RECIPE)
+
+# Kernel benchmarks -> docs/bench/kernels.md: KD loss peak memory at vocab 131072 (naive vs chunked vs fused) and
+# every kernel's error against float64 (interpreter on CPU); on a CUDA machine also attention TFLOP/s vs SDPA-flash
+# and decode bandwidth.
+bench-kernels: $(STAMP)
+	$(PY) -m kernels.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -127,18 +127,30 @@ def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, teacher: tuple[torch.Ten
 def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor, config: LossConfig,
                  teacher_hidden: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
                  teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 fused: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss from final hidden states and LM heads, one chunk of `config.chunk_tokens` tokens at a time.
 
     student_hidden [N, d], labels [N] (IGNORE_INDEX masks a token), teacher_hidden [N, d_t]. Each chunk's student
     logits are recomputed in the backward pass (activation checkpointing) and the teacher's exist only inside the
     chunk, so peak memory is O(chunk x vocab) instead of O(N x vocab). `teacher_topk` ([N, k] indices, [N, k]
     log-probs, [N] tail log-prob) replaces a live teacher with a cached one. Returns (loss, metrics per token).
+    `fused` computes the same loss with kernels/distill_loss.py (live teacher or none): gradients are made in the
+    forward chunk by chunk, so no logits are recomputed and fewer [chunk x vocab] temporaries exist.
     """
     live = teacher_hidden is not None and teacher_head is not None
     if config.kd_weight > 0 and not live and teacher_topk is None:
         raise ValueError("a distillation loss needs the teacher's hidden states and head, or its cached top-k")
     count = (labels != IGNORE_INDEX).sum().clamp_min(1)
+    if fused and (live or config.kd_weight == 0):
+        from kernels.distill_loss import FusedLossConfig, fused_linear_distill_loss
+
+        fused_config = FusedLossConfig(config.divergence, config.temperature, config.beta, config.kd_weight,
+                                       config.ce_weight, config.chunk_tokens, IGNORE_INDEX)
+        loss, kd, ce = fused_linear_distill_loss(
+            student_hidden, student_head, labels, fused_config,
+            teacher_hidden=teacher_hidden if config.kd_weight > 0 else None,
+            teacher_head=teacher_head if config.kd_weight > 0 else None)
+        return loss, {"kd": kd.detach(), "ce": ce.detach(), "tokens": count}
     total = torch.zeros((), device=student_hidden.device)
     div_sum = torch.zeros((), device=student_hidden.device)
     ce_sum = torch.zeros((), device=student_hidden.device)

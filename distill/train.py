@@ -33,6 +33,9 @@ from models.checkpoint import COMPLETE_MARKER, atomic_directory
 log = logging.getLogger(__name__)
 
 
+FUSED_MIN_VOCAB = 65536  # Mistral's 131k Tekken vocabulary: where [tokens x vocab] logits dominate memory
+
+
 class OptimConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lr: float = Field(3e-4, gt=0)
@@ -64,6 +67,13 @@ class TrainConfig(BaseModel):
     random_init: bool = Field(False, description="re-initialise the student's weights (the from-scratch baseline)")
     teacher_top_k: int | None = Field(None, ge=1, description="distill from a cache of the teacher's top-k log-probs "
                                       "+ a tail bucket (computed once, reused across runs) instead of running it")
+    fused_loss: Literal["auto", "on", "off"] = Field(
+        "auto", description="the fused linear distillation loss (kernels/distill_loss.py: gradients made chunk by "
+                            "chunk in the forward, no recomputed logits; Triton on GPU, torch rows on CPU); auto: on "
+                            f"for vocabularies of >= {FUSED_MIN_VOCAB} entries with a live teacher")
+    attention: Literal["sdpa", "cascade"] = Field(
+        "sdpa", description="cascade: our Triton attention (kernels/attention.py) for student and teacher; needs a "
+                            "CUDA GPU, or TRITON_INTERPRET=1 on CPU (correct but very slow)")
     seed: int = 0
 
 
@@ -75,16 +85,17 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint written under other settings: resuming it would silently mix two runs."""
 
 
-# Settings a resumed run may change: where it writes and how often; everything else must match its checkpoint.
-RESUMABLE_FIELDS = ("out_dir", "eval_every", "checkpoint_every", "keep_checkpoints")
+# Settings a resumed run may change: where it writes, how often, and implementations of the same function (loss,
+# attention); everything else must match its checkpoint.
+RESUMABLE_FIELDS = ("out_dir", "eval_every", "checkpoint_every", "keep_checkpoints", "fused_loss", "attention")
 
 
 class StudentLoss(nn.Module):
     """The student and its loss in one forward, so FSDP gathers the LM head for the chunked loss like any layer."""
 
-    def __init__(self, lm: nn.Module, loss: LossConfig) -> None:
+    def __init__(self, lm: nn.Module, loss: LossConfig, fused: bool = False) -> None:
         super().__init__()
-        self.lm, self.loss = lm, loss
+        self.lm, self.loss, self.fused = lm, loss, fused
 
     def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None,
                 teacher_head: torch.Tensor | None = None, logits_only: bool = False,
@@ -97,7 +108,7 @@ class StudentLoss(nn.Module):
         labels = ids[:, 1:].reshape(-1)
         th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
         return distill_loss(hidden.reshape(-1, hidden.shape[-1]), self.lm.lm_head.weight, labels, self.loss,
-                            th, teacher_head, teacher_topk)  # type: ignore[arg-type]
+                            th, teacher_head, teacher_topk, fused=self.fused)  # type: ignore[arg-type]
 
 
 class TeacherHidden(nn.Module):
@@ -182,12 +193,16 @@ class Trainer:
         self.total_steps = math.ceil(config.tokens / self.tokens_per_step)
 
         self.student_weights = weights_state(Path(config.student))  # a resumed run must start from the same weights
-        student = load_model(Path(config.student)).to(self.device)
+        student = self._set_attention(load_model(Path(config.student)).to(self.device))
         if config.random_init:
             _reinit(student, config.seed)
         self.student_config = student.config
-        self.student = StudentLoss(student, config.loss)
         distilling = config.teacher is not None and config.loss.kd_weight > 0
+        long_vocab = student.config.vocab_size >= FUSED_MIN_VOCAB
+        fused = config.fused_loss == "on" or (config.fused_loss == "auto" and long_vocab)
+        self.student = StudentLoss(student, config.loss, fused=fused and not (distilling and config.teacher_top_k))
+        log.info("loss: %s; attention: %s", "fused linear" if self.student.fused else "chunked (checkpointed)",
+                 config.attention)
         self.cache = self._cache() if distilling and config.teacher_top_k else None
         self.teacher = self._teacher(config.teacher) if distilling and self.cache is None else None
         eval_teacher = config.eval_teacher or config.teacher
@@ -223,8 +238,18 @@ class Trainer:
             dist.barrier()
         return TeacherCache(cache_dir(teacher, data_key, config.teacher_top_k, config.loss.temperature, vocab))
 
+    def _set_attention(self, model: nn.Module) -> nn.Module:
+        if self.config.attention == "cascade":
+            from kernels.hf import register
+            from kernels.runtime import INTERPRET
+
+            if self.device.type != "cuda" and not INTERPRET:
+                raise ValueError("attention: cascade needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use sdpa here")
+            model.set_attn_implementation(register())
+        return model
+
     def _teacher(self, path: str) -> TeacherHidden:
-        teacher = TeacherHidden(load_model(Path(path)).to(self.device))
+        teacher = TeacherHidden(self._set_attention(load_model(Path(path)).to(self.device)))
         vocab = shared_vocab(self.student.lm.config.vocab_size, teacher.lm.config.vocab_size)
         check_same_tokenizer(Path(self.config.student), Path(path), vocab)
         if self.world > 1:

@@ -120,6 +120,51 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(micro, tmp_pa
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
+def test_fused_loss_and_cascade_attention_train_like_the_defaults(micro, tmp_path, monkeypatch):
+    """The fused linear KD loss and the Triton attention (interpreter on CPU) give the run the default chunked loss
+    and sdpa give; `fused_loss: auto` turns the fused loss on from FUSED_MIN_VOCAB entries."""
+    import distill.train
+
+    tokens = 32 * 4 * 4
+    base = Trainer(_config(micro, tmp_path / "base", tokens=tokens, eval_every=2), progress=False)
+    assert not base.student.fused  # the micro vocabulary (256) is short
+    monkeypatch.setattr(distill.train, "FUSED_MIN_VOCAB", 256)
+    kernels = Trainer(_config(micro, tmp_path / "kernels", tokens=tokens, eval_every=2, attention="cascade"),
+                      progress=False)
+    assert kernels.student.fused
+    assert kernels.student.lm.config._attn_implementation == "cascade"
+    base.train()
+    kernels.train()
+    a = read_metrics(tmp_path / "base" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "kernels" / "metrics.jsonl")
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "kd", "val_kl", "val_ce"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x["step"])
+
+
+def test_a_mistral_vocabulary_trains_with_the_fused_loss_by_default(micro, tmp_path):
+    """tiny-mistral has the 131k Tekken vocabulary: `fused_loss: auto` picks the fused loss, and its run equals
+    the chunked loss's."""
+    from models.prepare import prepare
+    from models.registry import get_model
+
+    checkpoint = str(prepare(get_model("tiny-mistral")))  # into this module's CASCADE_HOME
+    runs = {}
+    for fused in ("auto", "off"):
+        config = _config(micro, tmp_path / fused, student=checkpoint, teacher=checkpoint, random_init=True,
+                         tokens=32 * 4 * 3, eval_every=3, fused_loss=fused)
+        trainer = Trainer(config, progress=False)
+        assert trainer.student.fused == (fused == "auto")
+        trainer.train()
+        runs[fused] = read_metrics(tmp_path / fused / "metrics.jsonl")
+    for x, y in zip(runs["auto"], runs["off"], strict=True):
+        for key in ("loss", "val_kl"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-4), (key, x["step"])
+
+
 def test_resume_refuses_a_checkpoint_written_with_other_settings(micro, tmp_path):
     config = _config(micro, tmp_path / "run", tokens=32 * 4 * 4, checkpoint_every=2)
     Trainer(config, progress=False).train()

@@ -121,3 +121,23 @@ def test_chunked_loss_from_a_cached_teacher_equals_the_direct_formula():
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, h.grad)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_fused_loss_equals_the_checkpointed_one(divergence):
+    """distill_loss(fused=True) (kernels/distill_loss.py) computes the same loss, metrics and gradients."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(33, 16, generator=gen)
+    w = torch.randn(300, 16, generator=gen) * 0.5
+    th, tw = torch.randn(33, 8, generator=gen), torch.randn(310, 8, generator=gen) * 0.5
+    labels = torch.randint(0, 300, (33,), generator=gen)
+    labels[4] = IGNORE_INDEX
+    config = LossConfig(divergence=divergence, temperature=1.5, ce_weight=0.2, chunk_tokens=10)
+    results = []
+    for fused in (False, True):
+        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, metrics = distill_loss(hl, wl, labels, config, th, tw, fused=fused)
+        loss.backward()
+        results.append((loss.detach(), metrics["kd"], metrics["ce"], hl.grad, wl.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
