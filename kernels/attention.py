@@ -90,6 +90,39 @@ def softmax_finish(m_i, l_i, acc):
 
 
 @triton.jit
+def _unmasked_range(start_m, lo, hi, k_len, diag, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[full_lo, full_hi) within [lo, hi), block-aligned: key blocks every row of the tile sees whole."""
+    full_hi = k_len
+    if CAUSAL:
+        full_hi = tl.minimum(k_len, start_m + diag + 1)  # the last key the first row sees, + 1
+    full_hi = full_hi // BLOCK_N * BLOCK_N
+    full_lo = lo
+    if WINDOW:
+        first = tl.maximum(0, start_m + BLOCK_M + diag - window)  # the first key the last row sees
+        full_lo = tl.maximum(lo, tl.cdiv(first, BLOCK_N) * BLOCK_N)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(full_lo, tl.minimum(full_hi, hi))
+    return full_lo, full_hi
+
+
+@triton.jit
+def _fwd_blocks(q, m_i, l_i, acc, k_base, v_base, sks, svs, rows, offs_n, offs_d, start, stop, k_len, diag, window,
+                qk_scale, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                UPCAST: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < k_len
+        k = _load_tile(k_base, cols, col_ok, sks, offs_d, UPCAST)
+        v = _load_tile(v_base, cols, col_ok, svs, offs_d, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        if MASKED:
+            qk = tl.where(_visible(rows, cols, k_len, diag, window, CAUSAL, WINDOW), qk, float("-inf"))
+        m_i, l_i, acc = softmax_step(qk, m_i, l_i, acc, v)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
@@ -119,14 +152,14 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = K + b * skb + k_start * sks + kv_h * skh
     v_base = V + b * svb + k_start * svs + kv_h * svh
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < k_len
-        k = _load_tile(k_base, cols, col_ok, sks, offs_d, UPCAST)
-        v = _load_tile(v_base, cols, col_ok, svs, offs_d, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        qk = tl.where(_visible(rows, cols, k_len, diag, window, CAUSAL, WINDOW), qk, float("-inf"))
-        m_i, l_i, acc = softmax_step(qk, m_i, l_i, acc, v)
+    # Only blocks on the diagonal or the window's edge need a mask: the tutorial's stages, in three ranges
+    full_lo, full_hi = _unmasked_range(start_m, lo, hi, k_len, diag, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    m_i, l_i, acc = _fwd_blocks(q, m_i, l_i, acc, k_base, v_base, sks, svs, rows, offs_n, offs_d, lo, full_lo, k_len,
+                                diag, window, qk_scale, BLOCK_N, CAUSAL, WINDOW, True, UPCAST)
+    m_i, l_i, acc = _fwd_blocks(q, m_i, l_i, acc, k_base, v_base, sks, svs, rows, offs_n, offs_d, full_lo, full_hi,
+                                k_len, diag, window, qk_scale, BLOCK_N, CAUSAL, WINDOW, False, UPCAST)
+    m_i, l_i, acc = _fwd_blocks(q, m_i, l_i, acc, k_base, v_base, sks, svs, rows, offs_n, offs_d, full_hi, hi, k_len,
+                                diag, window, qk_scale, BLOCK_N, CAUSAL, WINDOW, True, UPCAST)
     out, lse = softmax_finish(m_i, l_i, acc)
     tl.store(O + b * sob + (q_start + rows[:, None]) * sos + h * soh + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])

@@ -14,6 +14,7 @@ loss is the weighted sum over tokens whose label is not `ignore_index`, divided 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -159,36 +160,53 @@ def rows_loss_and_grad_triton(z: torch.Tensor, t: torch.Tensor | None, labels: t
     return div, ce
 
 
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    return x.sub_(x.logsumexp(-1, keepdim=True))
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) without an [n, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def rows_loss_and_grad_torch(z: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, cfg: FusedLossConfig,
                              grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same contract in plain torch (CPU, and the fallback): z becomes the gradient in place."""
+    """The same contract in plain torch (CPU, and the fallback): z becomes the gradient in place. In-place ops
+    keep it at four [n, V] buffers besides z and t."""
     live = labels != cfg.ignore_index
-    grad = torch.zeros_like(z)
+    safe = labels.clamp_min(0)
     div = torch.zeros(z.shape[0], device=z.device)
     ce = torch.zeros(z.shape[0], device=z.device)
+    grad: torch.Tensor | None = None
     if t is not None and cfg.kd_weight > 0:
-        s = F.log_softmax(z / cfg.temperature, -1)
-        tt = F.log_softmax(t.float() / cfg.temperature, -1)
-        p_s = s.exp()
+        s = _log_softmax_(z / cfg.temperature)
+        tt = _log_softmax_(t.float() / cfg.temperature)
         if cfg.divergence == "forward_kl":
             p_t = tt.exp()
-            div = (p_t * (tt - s)).sum(-1)
-            grad = p_s - p_t
+            div = _rowdot(p_t, tt.sub_(s))
+            grad = s.exp_().sub_(p_t)  # p_s - p_t
         elif cfg.divergence == "reverse_kl":
-            div = (p_s * (s - tt)).sum(-1)
-            grad = p_s * ((s - tt) - div[:, None])
+            p_s = s.exp()
+            log_ratio = s.sub_(tt)
+            div = _rowdot(p_s, log_ratio)
+            grad = log_ratio.sub_(div[:, None]).mul_(p_s)  # p_s * (log p_s - log p_t - KL)
         else:
-            log_m = torch.logaddexp(tt + torch.log(torch.tensor(cfg.beta)), s + torch.log1p(torch.tensor(-cfg.beta)))
-            kl_sm = (p_s * (s - log_m)).sum(-1)
-            div = cfg.beta * (tt.exp() * (tt - log_m)).sum(-1) + (1 - cfg.beta) * kl_sm
-            grad = (1 - cfg.beta) * p_s * ((s - log_m) - kl_sm[:, None])
-        grad = grad * (cfg.kd_weight / cfg.temperature)
+            log_m = torch.logaddexp(tt + math.log(cfg.beta), s + math.log1p(-cfg.beta))
+            p_s = s.exp()
+            kl_sm = _rowdot(p_s, s - log_m)
+            div = cfg.beta * _rowdot(tt.exp(), tt.sub_(log_m)) + (1 - cfg.beta) * kl_sm
+            grad = s.sub_(log_m).sub_(kl_sm[:, None]).mul_(p_s).mul_(1 - cfg.beta)
+        grad.mul_(cfg.kd_weight / cfg.temperature)
     if cfg.ce_weight > 0:
-        logp = F.log_softmax(z, -1)
-        safe = labels.clamp_min(0)
-        ce = -logp.gather(1, safe[:, None])[:, 0]
-        grad = grad + cfg.ce_weight * (logp.exp() - F.one_hot(safe, z.shape[1]).to(z.dtype))
-    z.copy_(grad * (live[:, None] * grad_scale))
+        lse = z.logsumexp(-1, keepdim=True)
+        ce = lse[:, 0] - z.gather(1, safe[:, None])[:, 0]
+        p = z.sub(lse).exp_()
+        p.scatter_add_(1, safe[:, None], torch.full_like(p[:, :1], -1.0))  # softmax - one hot
+        grad = p.mul_(cfg.ce_weight) if grad is None else grad.add_(p, alpha=cfg.ce_weight)
+    if grad is None:
+        z.zero_()
+    else:
+        z.copy_(grad.mul_(live[:, None] * grad_scale))
     return div * live, ce * live
 
 
@@ -229,9 +247,15 @@ class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_div, _grad_ce):
         grad_hidden, grad_head = ctx.saved_tensors
-        dh = (grad_hidden * grad_loss).to(ctx.dtypes[0]) if grad_hidden is not None else None
-        dw = (grad_head * grad_loss).to(ctx.dtypes[1]) if grad_head is not None else None
-        return dh, dw, None, None, None, None, None, None, None
+        scale = None if bool(grad_loss == 1) else grad_loss  # the usual case: hand over the saved gradients as they are
+
+        def finish(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            if grad is None:
+                return None
+            return (grad if scale is None else grad * scale).to(dtype)
+
+        return finish(grad_hidden, ctx.dtypes[0]), finish(grad_head, ctx.dtypes[1]), None, None, None, None, None, \
+            None, None
 
 
 def fused_linear_distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels.attention import attention, attention_reference
 from kernels.runtime import KernelDeviceError, check_triton_device
@@ -19,6 +21,7 @@ CASES = [
     (1, 1, 77, 4, 2, 64, True, None),        # one query token against a cache (bottom-right causal)
     (2, 17, 80, 4, 4, 32, True, 16),         # chunked prefill with a window
     (1, 40, 40, 2, 1, 256, True, None),      # head_dim 256
+    (1, 300, 300, 2, 1, 16, True, 200),      # long enough for whole unmasked blocks inside the window
 ]
 
 
@@ -53,6 +56,21 @@ def test_forward_and_backward_match_float64(case, dtype):
     assert_within_2x("out", out, low, ref, seed)
     for name, g, g_low, g_ref in zip(("dq", "dk", "dv"), grads, low_grads, ref_grads, strict=True):
         assert_within_2x(name, g, g_low, g_ref, seed)
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 2), len_q=st.integers(1, 80), extra_k=st.integers(0, 40), kv_heads=st.integers(1, 2),
+       group=st.sampled_from([1, 2, 3, 4, 8]), dim=st.sampled_from([16, 32, 64]), causal=st.booleans(),
+       window=st.one_of(st.none(), st.integers(1, 100)), half=st.booleans())
+def test_random_shapes_forward(batch, len_q, extra_k, kv_heads, group, dim, causal, window, half):
+    """A property sweep over shapes, GQA ratios, windows and dtypes, forward only (the interpreter is slow)."""
+    seed = fresh_seed()
+    causal = causal or window is not None
+    dtype = torch.float16 if half else torch.float32
+    q, k, v = _inputs(batch, len_q, len_q + extra_k, kv_heads * group, kv_heads, dim, dtype)
+    kw = dict(causal=causal, window=window)
+    exact = attention_reference(q, k, v, compute_dtype=torch.float64, **kw)
+    assert_within_2x("out", attention(q, k, v, **kw), attention_reference(q, k, v, **kw), exact, seed)
 
 
 def test_packed_sequences_with_guard_bands():
