@@ -13,6 +13,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else
 DTYPES = [torch.float32, torch.float16] if DEVICE.type == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
 
 
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def fresh_seed() -> int:
     """A new seed per test (fresh inputs every run), returned so a failure names it."""
     seed = random.randrange(2**31)

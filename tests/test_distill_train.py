@@ -205,11 +205,13 @@ def test_bad_train_config_is_one_line(micro, tmp_path):
 
 
 def test_two_gloo_processes_with_fsdp2_match_one_process(micro, tmp_path):
-    """2 ranks x batch 2 read the same rows per step as 1 rank x batch 2 x 2 accumulation steps."""
+    """2 ranks x batch 2 read the same rows per step as 1 rank x batch 2 x 2 accumulation steps. The FSDP run uses
+    the fused loss (its head gradient made in the forward must reach the sharded head), the single one the
+    chunked loss."""
     single = _write(_config(micro, tmp_path / "single", batch_size=2, grad_accum=2, tokens=32 * 4 * 12,
                             checkpoint_every=6), tmp_path / "single.yaml")
     fsdp = _write(_config(micro, tmp_path / "fsdp", batch_size=2, grad_accum=1, tokens=32 * 4 * 12,
-                          checkpoint_every=6), tmp_path / "fsdp.yaml")
+                          checkpoint_every=6, fused_loss="on"), tmp_path / "fsdp.yaml")
     one = _cli(["train", str(single)])
     assert one.wait(timeout=300) == 0, one.stderr.read()
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kernels.attention import attention, attention_reference
 from kernels.runtime import KernelDeviceError, check_triton_device
-from tests.kernel_checks import DEVICE, assert_within_2x, fresh_seed
+from tests.kernel_checks import DEVICE, DTYPES, assert_within_2x, dtype_id, fresh_seed
 
 # (batch, len_q, len_k, heads, kv_heads, head_dim, causal, window)
 CASES = [
@@ -39,7 +39,7 @@ def _grads(fn, inputs, grad_out):
     return out.detach(), [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", CASES, ids=[f"b{c[0]}q{c[1]}k{c[2]}h{c[3]}/{c[4]}d{c[5]}"
                                              f"{'c' if c[6] else 'nc'}w{c[7]}" for c in CASES])
 def test_forward_and_backward_match_float64(case, dtype):

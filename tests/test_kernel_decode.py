@@ -7,7 +7,7 @@ import torch
 
 from kernels.attention import attention
 from kernels.decode import paged_decode_attention, paged_decode_reference
-from tests.kernel_checks import DEVICE, assert_within_2x, fresh_seed
+from tests.kernel_checks import DEVICE, DTYPES, assert_within_2x, dtype_id, fresh_seed
 
 NUM_BLOCKS = 32768  # vLLM's choice: block * stride overflows int32 here unless addresses are 64-bit
 
@@ -22,8 +22,8 @@ def _paged(lens, heads_kv, dim, block_size, dtype, num_blocks=NUM_BLOCKS):
     for b, n in enumerate(lens):
         for i in range(-(-n // block_size)):
             used = min(block_size, n - i * block_size)
-            k_cache[table[b, i], :used] = torch.randn(used, heads_kv, dim, dtype=dtype)
-            v_cache[table[b, i], :used] = torch.randn(used, heads_kv, dim, dtype=dtype)
+            k_cache[table[b, i], :used] = torch.randn(used, heads_kv, dim, device=DEVICE, dtype=dtype)
+            v_cache[table[b, i], :used] = torch.randn(used, heads_kv, dim, device=DEVICE, dtype=dtype)
     return k_cache, v_cache, table, torch.tensor(lens, device=DEVICE, dtype=torch.int32)
 
 
@@ -36,7 +36,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", CASES, ids=[f"lens{c[0]}h{c[1]}/{c[2]}d{c[3]}bs{c[4]}w{c[5]}s{c[6]}"
                                              for c in CASES])
 def test_decode_matches_float64(case, dtype):

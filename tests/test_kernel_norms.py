@@ -8,9 +8,9 @@ import torch
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from kernels.rotary import apply_rotary_, rotary, rotary_reference
 from kernels.swiglu import swiglu, swiglu_reference
-from tests.kernel_checks import DEVICE, assert_within_2x, fresh_seed
+from tests.kernel_checks import DEVICE, DTYPES, assert_within_2x, dtype_id, fresh_seed
 
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+EACH_DTYPE = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 
 
 def _run(fn, inputs, grad_out):
@@ -30,7 +30,7 @@ def _check_all(name, fn, ref, inputs, grad_out, seed, atol=1e-5):
         assert_within_2x(f"{name} grad {i}", g, g_low, g_exact, seed, atol)
 
 
-@DTYPES
+@EACH_DTYPE
 @pytest.mark.parametrize("shape", [(2, 128, 512), (5, 123, 123), (3, 1000)])
 def test_rmsnorm(shape, dtype):
     seed = fresh_seed()
@@ -41,7 +41,7 @@ def test_rmsnorm(shape, dtype):
         x, w, 1e-6, compute_dtype), (x, w), torch.randn(shape, device=DEVICE), seed, atol=1e-4)
 
 
-@DTYPES
+@EACH_DTYPE
 @pytest.mark.parametrize("shape", [(2, 256, 512), (6, 42, 431)])
 def test_swiglu(shape, dtype):
     seed = fresh_seed()
@@ -54,7 +54,7 @@ def _tables(tokens, dim):
     return angles.cos(), angles.sin()
 
 
-@DTYPES
+@EACH_DTYPE
 @pytest.mark.parametrize("tokens, heads, dim", [(128, 8, 64), (37, 5, 32), (9, 3, 128)])
 def test_rotary(tokens, heads, dim, dtype):
     seed = fresh_seed()
@@ -93,7 +93,8 @@ def test_opcheck():
     cos, sin = _tables(6, 32)
     xr = torch.randn(6, 2, 32, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.cascade.rotary.default, (xr, cos, sin, False))
-    torch.library.opcheck(torch.ops.cascade.rotary_.default, (torch.randn(6, 4, 32), torch.randn(6, 2, 32), cos, sin))
+    q, k = torch.randn(6, 4, 32, device=DEVICE), torch.randn(6, 2, 32, device=DEVICE)
+    torch.library.opcheck(torch.ops.cascade.rotary_.default, (q, k, cos, sin))
 
 
 def test_compiled_block_matches_eager():
