@@ -242,7 +242,9 @@ class _FusedLinearDistill(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_head)
         ctx.dtypes = (hidden.dtype, head.dtype)
         loss = (cfg.kd_weight * div_sum + cfg.ce_weight * ce_sum) / count
-        return loss, div_sum / count, ce_sum / count
+        div_mean, ce_mean = div_sum / count, ce_sum / count
+        ctx.mark_non_differentiable(div_mean, ce_mean)  # metrics: only the loss has gradients
+        return loss, div_mean, ce_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_div, _grad_ce):
