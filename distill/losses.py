@@ -7,15 +7,19 @@ sum over unmasked tokens divided by their number, so it does not depend on batch
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.checkpoint import checkpoint
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
-IGNORE_INDEX = -100
+from kernels.distill_loss import (
+    IGNORE_INDEX,
+    Divergence,
+    FusedLossConfig,
+    distill_loss_reference,
+    divergence_of_logprobs,
+    fused_linear_distill_loss,
+)
 
 
 class LossConfig(BaseModel):
@@ -34,6 +38,11 @@ class LossConfig(BaseModel):
         if self.kd_weight + self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight cannot both be 0")
         return self
+
+    def kernel_config(self) -> FusedLossConfig:
+        """The same loss as kernels/distill_loss.py spells it."""
+        return FusedLossConfig(self.divergence, self.temperature, self.beta, self.kd_weight, self.ce_weight,
+                               self.chunk_tokens, IGNORE_INDEX)
 
 
 class VocabMismatchError(ValueError):
@@ -56,19 +65,6 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits[..., :vocab].float() / temperature, dim=-1)
     return divergence_of_logprobs(s, t, divergence, beta)
-
-
-def divergence_of_logprobs(s: torch.Tensor, t: torch.Tensor, divergence: Divergence,
-                           beta: float = 0.5) -> torch.Tensor:
-    """The divergence between two distributions given as log-probabilities over the last axis."""
-    if divergence == "forward_kl":
-        return (t.exp() * (t - s)).sum(-1)
-    if divergence == "reverse_kl":
-        return (s.exp() * (s - t)).sum(-1)
-    log_m = torch.logsumexp(torch.stack([s + torch.log1p(torch.tensor(-beta)), t + torch.log(torch.tensor(beta))]), 0)
-    kl_t = (t.exp() * (t - log_m)).sum(-1)
-    kl_s = (s.exp() * (s - log_m)).sum(-1)
-    return beta * kl_t + (1 - beta) * kl_s
 
 
 def topk_with_tail(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,12 +138,8 @@ def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, label
         raise ValueError("a distillation loss needs the teacher's hidden states and head, or its cached top-k")
     count = (labels != IGNORE_INDEX).sum().clamp_min(1)
     if fused and (live or config.kd_weight == 0):
-        from kernels.distill_loss import FusedLossConfig, fused_linear_distill_loss
-
-        fused_config = FusedLossConfig(config.divergence, config.temperature, config.beta, config.kd_weight,
-                                       config.ce_weight, config.chunk_tokens, IGNORE_INDEX)
         loss, kd, ce = fused_linear_distill_loss(
-            student_hidden, student_head, labels, fused_config,
+            student_hidden, student_head, labels, config.kernel_config(),
             teacher_hidden=teacher_hidden if config.kd_weight > 0 else None,
             teacher_head=teacher_head if config.kd_weight > 0 else None)
         return loss, {"kd": kd.detach(), "ce": ce.detach(), "tokens": count}
@@ -174,11 +166,4 @@ def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, label
 def reference_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                    config: LossConfig) -> torch.Tensor:
     """The same loss computed in one piece from full logits: the test oracle and the naive baseline."""
-    mask = labels != IGNORE_INDEX
-    count = mask.sum().clamp_min(1)
-    ce = F.cross_entropy(student_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    div = torch.zeros(())
-    if teacher_logits is not None and config.kd_weight > 0:
-        div = (token_divergence(student_logits, teacher_logits, config.divergence, config.temperature, config.beta)
-               * mask).sum()
-    return (config.kd_weight * div + config.ce_weight * ce) / count
+    return distill_loss_reference(student_logits, teacher_logits, labels, config.kernel_config())

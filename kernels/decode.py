@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention import softmax_finish, softmax_step
-from kernels.runtime import INTERPRET, check_triton_device, empty, empty_like, next_power_of_2
+from kernels.runtime import INTERPRET, check_triton_device, empty, empty_like
 
 
 @triton.jit
@@ -115,14 +115,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         scale, window or 0,
-        GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=dim, BLOCK_SIZE=block_size,
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_SIZE=block_size,
         NUM_SPLITS=num_splits, WINDOW=window is not None, UPCAST=INTERPRET,
     )
     out = empty_like(q)
     _decode_merge_kernel[(batch, heads)](
         o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0),
         lse_part.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=dim, NUM_SPLITS=num_splits, SPLITS_POW2=next_power_of_2(num_splits),
+        HEAD_DIM=dim, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
     )
     return out
 

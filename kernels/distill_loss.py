@@ -294,9 +294,21 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_head: torch.
                                          cfg, backend, want_grad)
 
 
+def divergence_of_logprobs(s: torch.Tensor, t: torch.Tensor, divergence: Divergence,
+                           beta: float = 0.5) -> torch.Tensor:
+    """The divergence between two distributions given as log-probabilities over the last axis."""
+    if divergence == "forward_kl":
+        return (t.exp() * (t - s)).sum(-1)
+    if divergence == "reverse_kl":
+        return (s.exp() * (s - t)).sum(-1)
+    log_m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
+    return beta * (t.exp() * (t - log_m)).sum(-1) + (1 - beta) * (s.exp() * (s - log_m)).sum(-1)
+
+
 def distill_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                            cfg: FusedLossConfig) -> torch.Tensor:
-    """The naive loss from full logits with autograd: the oracle in tests and the baseline in the benchmark."""
+    """The naive loss from full logits with autograd (fp32, or float64 if given): the oracle in tests and the
+    baseline in the benchmark."""
     live = labels != cfg.ignore_index
     count = live.sum().clamp_min(1)
     z = student_logits if student_logits.dtype == torch.float64 else student_logits.float()
@@ -304,14 +316,7 @@ def distill_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.T
     if teacher_logits is not None and cfg.kd_weight > 0:
         s = F.log_softmax(z / cfg.temperature, -1)
         t = F.log_softmax(teacher_logits[:, : z.shape[1]].to(z.dtype) / cfg.temperature, -1)
-        if cfg.divergence == "forward_kl":
-            per = (t.exp() * (t - s)).sum(-1)
-        elif cfg.divergence == "reverse_kl":
-            per = (s.exp() * (s - t)).sum(-1)
-        else:
-            m = cfg.beta * t.exp() + (1 - cfg.beta) * s.exp()
-            per = cfg.beta * (t.exp() * (t - m.log())).sum(-1) + (1 - cfg.beta) * (s.exp() * (s - m.log())).sum(-1)
-        total = total + cfg.kd_weight * (per * live).sum()
+        total = total + cfg.kd_weight * (divergence_of_logprobs(s, t, cfg.divergence, cfg.beta) * live).sum()
     if cfg.ce_weight > 0:
         total = total + cfg.ce_weight * F.cross_entropy(z, labels, ignore_index=cfg.ignore_index, reduction="sum")
     return total / count

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import INTERPRET, check_triton_device, empty, empty_like, next_power_of_2
+from kernels.runtime import INTERPRET, check_triton_device, empty, empty_like
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torc
     rstd = empty((x2.shape[0],), like=x)
     programs, per = _grid(x2.shape[0])
     _rmsnorm_fwd_kernel[(programs,)](x2, weight, y, rstd, x2.shape[0], x2.shape[1], x2.stride(0), y.stride(0), eps,
-                                     per, BLOCK_N=next_power_of_2(x2.shape[1]))
+                                     per, BLOCK_N=triton.next_power_of_2(x2.shape[1]))
     return y.view_as(x), rstd
 
 
@@ -83,7 +83,7 @@ def rmsnorm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rst
     programs, per = _grid(x2.shape[0])
     dw_part = empty((programs, x2.shape[1]), like=x)
     _rmsnorm_bwd_kernel[(programs,)](dy, x2, weight, rstd, dx, dw_part, x2.shape[0], x2.shape[1], dy.stride(0),
-                                     x2.stride(0), dx.stride(0), per, BLOCK_N=next_power_of_2(x2.shape[1]))
+                                     x2.stride(0), dx.stride(0), per, BLOCK_N=triton.next_power_of_2(x2.shape[1]))
     return dx.view_as(x), dw_part.sum(0).to(weight.dtype)
 
 

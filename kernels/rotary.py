@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import INTERPRET, check_triton_device, empty_like, next_power_of_2
+from kernels.runtime import INTERPRET, check_triton_device, empty_like
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     block_t = 64 if INTERPRET else 16
     _rotary_kernel[(triton.cdiv(tokens, block_t),)](
         x, out, cos, sin, tokens, heads, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0),
-        sin.stride(0), HALF=dim // 2, BLOCK_T=block_t, BLOCK_H=next_power_of_2(heads), CONJ=conj,
+        sin.stride(0), HALF=dim // 2, BLOCK_T=block_t, BLOCK_H=triton.next_power_of_2(heads), CONJ=conj,
     )
 
 

@@ -30,17 +30,17 @@ def check_triton_device(*tensors: torch.Tensor) -> None:
         )
 
 
-def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Kernel outputs: uninitialised, or NaN under CASCADE_KERNEL_POISON=1 (tests: a row the kernel forgot to
-    write shows up as NaN instead of as stale memory that happens to look right)."""
-    out = torch.empty_like(t, **kwargs)
+def _poisoned(out: torch.Tensor) -> torch.Tensor:
+    """Under CASCADE_KERNEL_POISON=1 (tests) a new kernel output starts as NaN: a row the kernel forgot to write
+    then fails its test instead of passing on stale memory that happens to look right."""
     return out.fill_(float("nan")) if os.environ.get("CASCADE_KERNEL_POISON") == "1" else out
 
 
+def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
+    """A kernel output shaped (and strided) like `t`."""
+    return _poisoned(torch.empty_like(t, **kwargs))
+
+
 def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A new kernel output of `shape` on `like`'s device (poisoned like `empty_like`)."""
-    return empty_like(torch.empty(shape, device="meta"), device=like.device, dtype=dtype)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    """A kernel output of `shape` on `like`'s device."""
+    return _poisoned(torch.empty(shape, device=like.device, dtype=dtype))
