@@ -24,6 +24,14 @@ def fresh_seed() -> int:
     return seed
 
 
+def run_with_grads(fn, inputs, grad_out: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(fn's output, gradients of its inputs for `grad_out`) on fresh leaf copies (values only, not strides)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kernels.attention import attention, attention_reference
 from kernels.runtime import KernelDeviceError, check_triton_device
-from tests.kernel_checks import DEVICE, DTYPES, assert_within_2x, dtype_id, fresh_seed
+from tests.kernel_checks import DEVICE, DTYPES, assert_within_2x, dtype_id, fresh_seed, run_with_grads
 
 # (batch, len_q, len_k, heads, kv_heads, head_dim, causal, window)
 CASES = [
@@ -32,13 +32,6 @@ def _inputs(b, lq, lk, h, hk, d, dtype):
     return q, k, v
 
 
-def _grads(fn, inputs, grad_out):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    out.backward(grad_out.to(out.dtype))
-    return out.detach(), [t.grad for t in leaves]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", CASES, ids=[f"b{c[0]}q{c[1]}k{c[2]}h{c[3]}/{c[4]}d{c[5]}"
                                              f"{'c' if c[6] else 'nc'}w{c[7]}" for c in CASES])
@@ -48,10 +41,10 @@ def test_forward_and_backward_match_float64(case, dtype):
     inputs = _inputs(b, lq, lk, h, hk, d, dtype)
     grad_out = torch.randn(b, lq, h, d, device=DEVICE, dtype=dtype)
     kw = dict(causal=causal, window=window)
-    out, grads = _grads(lambda q, k, v: attention(q, k, v, **kw), inputs, grad_out)
-    ref, ref_grads = _grads(lambda q, k, v: attention_reference(q, k, v, compute_dtype=torch.float64, **kw),
+    out, grads = run_with_grads(lambda q, k, v: attention(q, k, v, **kw), inputs, grad_out)
+    ref, ref_grads = run_with_grads(lambda q, k, v: attention_reference(q, k, v, compute_dtype=torch.float64, **kw),
                             inputs, grad_out)
-    low, low_grads = _grads(lambda q, k, v: attention_reference(q, k, v, **kw), inputs, grad_out)
+    low, low_grads = run_with_grads(lambda q, k, v: attention_reference(q, k, v, **kw), inputs, grad_out)
     assert out.dtype == dtype and out.shape == (b, lq, h, d)
     assert_within_2x("out", out, low, ref, seed)
     for name, g, g_low, g_ref in zip(("dq", "dk", "dv"), grads, low_grads, ref_grads, strict=True):
@@ -92,17 +85,13 @@ def test_packed_sequences_with_guard_bands():
     grad_out = torch.randn(sum(lens_q), h, d, device=DEVICE)
     kw = dict(causal=True, window=24, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
-    def run(fn):
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]  # clone keeps the values, not the band
-        out = fn(*leaves)
-        out.backward(grad_out)
-        return out.detach(), [t.grad for t in leaves]
-
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # the kernel reads the guarded views themselves
     out = attention(*leaves, **kw)
     out.backward(grad_out)
-    ref, ref_grads = run(lambda q, k, v: attention_reference(q, k, v, compute_dtype=torch.float64, **kw))
-    low, low_grads = run(lambda q, k, v: attention_reference(q, k, v, **kw))
+    # the references get plain copies (run_with_grads clones values, not the band)
+    ref, ref_grads = run_with_grads(lambda q, k, v: attention_reference(q, k, v, compute_dtype=torch.float64, **kw),
+                                    (q, k, v), grad_out)
+    low, low_grads = run_with_grads(lambda q, k, v: attention_reference(q, k, v, **kw), (q, k, v), grad_out)
     assert_within_2x("out", out.detach(), low, ref, seed)
     for name, leaf, g_low, g_ref in zip(("dq", "dk", "dv"), leaves, low_grads, ref_grads, strict=True):
         assert_within_2x(name, leaf.grad, g_low, g_ref, seed)

@@ -8,23 +8,16 @@ import torch
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from kernels.rotary import apply_rotary_, rotary, rotary_reference
 from kernels.swiglu import swiglu, swiglu_reference
-from tests.kernel_checks import DEVICE, DTYPES, assert_within_2x, dtype_id, fresh_seed
+from tests.kernel_checks import DEVICE, DTYPES, assert_within_2x, dtype_id, fresh_seed, run_with_grads
 
 EACH_DTYPE = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 
 
-def _run(fn, inputs, grad_out):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    out.backward(grad_out.to(out.dtype))
-    return out.detach(), [t.grad for t in leaves]
-
-
 def _check_all(name, fn, ref, inputs, grad_out, seed, atol=1e-5):
-    out, grads = _run(fn, inputs, grad_out)
-    exact, exact_grads = _run(lambda *t: ref(*t, compute_dtype=torch.float64), inputs, grad_out)
+    out, grads = run_with_grads(fn, inputs, grad_out)
+    exact, exact_grads = run_with_grads(lambda *t: ref(*t, compute_dtype=torch.float64), inputs, grad_out)
     # the same-precision torch computation: float32 math, rounded to the input dtype (as transformers does)
-    low, low_grads = _run(lambda *t: ref(*t, compute_dtype=torch.float32).to(t[0].dtype), inputs, grad_out)
+    low, low_grads = run_with_grads(lambda *t: ref(*t, compute_dtype=torch.float32).to(t[0].dtype), inputs, grad_out)
     assert_within_2x(name, out, low, exact, seed, atol)
     for i, (g, g_low, g_exact) in enumerate(zip(grads, low_grads, exact_grads, strict=True)):
         assert_within_2x(f"{name} grad {i}", g, g_low, g_exact, seed, atol)
