@@ -12,6 +12,9 @@ NPROC ?= 1
 DISTILL_ARGS ?=
 CHAT_PROMPTS ?= distill/prompts/general.jsonl
 CHAT_DATA ?= .cache/chat/$(MODEL)-general.jsonl
+SUITE ?= bigbench
+MODE ?= endpoint
+EVAL_ARGS ?=
 STAMP := $(VENV)/.installed-$(DEVICE)
 CONSTRAINTS := $(wildcard constraints/$(DEVICE).txt)
 
@@ -22,7 +25,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install model serve test lint bench-serve distill chat-data bench-distill bench-kernels clean
+.PHONY: install model serve test lint bench-serve distill chat-data bench-distill bench-kernels eval eval-report clean
 
 install: $(STAMP)
 
@@ -76,6 +79,16 @@ bench-distill: $(STAMP)
 # and decode bandwidth.
 bench-kernels: $(STAMP)
 	$(PY) -m kernels.bench $(BENCH_ARGS)
+
+# lm-eval suites, offline (`python -m eval list`): MODE=endpoint starts our server and evaluates through it;
+# MODE=checkpoint lets lm-eval load the weights. Report (markdown, JSON, PNG) under $(CASCADE_HOME)/eval/runs/.
+eval: model
+	$(PY) -m eval run --model $(MODEL) --suite $(SUITE) --mode $(MODE) $(EVAL_ARGS)
+
+# $(SUITE) on the teacher and every registered cascade student -> docs/eval/$(SUITE)/: a report per model, compare.md
+# and compare.png (quality vs parameters). Finished models are reused; EVAL_ARGS=--rerun runs them again.
+eval-report: model
+	$(PY) -m eval compare --suite $(SUITE) --mode $(MODE) $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

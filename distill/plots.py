@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 
 def plot_curves(series: dict[str, list[tuple[float, float]]], out: Path, title: str, ylabel: str,
                 xlabel: str = "tokens", logy: bool = False) -> Path:
-    """One line per label; written to a temporary file and renamed, so a reader never sees half a PNG."""
+    """One line per label."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for label, points in series.items():
         if points:
@@ -26,6 +26,11 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], out: Path, title: 
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, out)
+
+
+def save_figure(fig: plt.Figure, out: Path) -> Path:
+    """Written to a temporary file and renamed, so a reader never sees half a PNG."""
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp)

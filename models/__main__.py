@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"tools={spec.tool_format or '-':12} reasoning={spec.reasoning_format or '-':14} {spec.description}")
         return 0
 
+    from models.downloads import DownloadError, IntegrityError
     from models.prepare import prepare
-    from models.smollm2 import IntegrityError
 
     try:
         path = prepare(get_model(args.name), force=args.force)
-    except (KeyError, OSError, ValueError, IntegrityError) as e:
+    except (KeyError, OSError, ValueError, IntegrityError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - e.g. pip cannot reach the registry: one line, not a traceback

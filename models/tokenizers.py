@@ -26,6 +26,10 @@ class ChatTokenizer(Protocol):
 
     def decode(self, token_ids: list[int]) -> str: ...
 
+    def info(self) -> dict[str, Any]:
+        """What a remote client needs to tokenize like us (GET /tokenizer_info): vocab size, special tokens."""
+        ...
+
     def encode_piece(self, text: str) -> list[int]:
         """Token ids for output text the server writes for the model (markers such as [THINK] as special tokens)."""
         ...
@@ -61,6 +65,11 @@ class HFChatTokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tok.decode(token_ids)
+
+    def info(self) -> dict[str, Any]:
+        return {"tokenizer_class": type(self.tok).__name__, "vocab_size": len(self.tok),
+                "bos_token": self.tok.bos_token, "eos_token": self.tok.eos_token, "pad_token": self.tok.pad_token,
+                "chat_template": self.tok.chat_template}
 
     def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -108,6 +117,12 @@ class MistralChatTokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.raw.decode(token_ids)
+
+    def info(self) -> dict[str, Any]:
+        # mistral_common renders chats itself: there is no jinja template to hand out.
+        return {"tokenizer_class": type(self.raw).__name__, "vocab_size": int(self.raw.n_words),
+                "bos_token": self.raw.id_to_piece(self.raw.bos_id), "eos_token": self.raw.id_to_piece(self.raw.eos_id),
+                "pad_token": None, "chat_template": None}
 
     def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:

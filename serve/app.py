@@ -23,7 +23,8 @@ from serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize",
+          "/tokenizer_info")
 
 
 class Admission:
@@ -206,5 +207,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending_reques
     from serve.routes import register_openai_routes
 
     register_openai_routes(app)
+    from serve.tokenize import register_tokenizer_routes
+
+    register_tokenizer_routes(app)
     return app
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from models.tokenizers import ChatTemplateError
 from serve.app import Admission, cancel_on_disconnect, read_json_object
@@ -34,6 +34,7 @@ from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFie
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 def _dumps(obj: Any) -> str:
@@ -146,7 +147,8 @@ def _usage(num_prompt: int, num_completion: int) -> dict[str, int]:
             "total_tokens": num_prompt + num_completion}
 
 
-def _parse(model: type[ChatCompletionRequest] | type[CompletionRequest], body: dict[str, Any]) -> Any:
+def parse_body(model: type[M], body: dict[str, Any]) -> M:
+    """Validate a request body; the first bad field becomes a 400 naming it."""
     try:
         return model.model_validate(body)
     except ValidationError as e:
@@ -227,7 +229,7 @@ def register_openai_routes(app: FastAPI) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req: ChatCompletionRequest = _parse(ChatCompletionRequest, await read_json_object(request))
+        req: ChatCompletionRequest = parse_body(ChatCompletionRequest, await read_json_object(request))
         check_model(engine, req.model)
         plan = make_plan(req, engine.spec)
         try:
@@ -270,7 +272,7 @@ def register_openai_routes(app: FastAPI) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req: CompletionRequest = _parse(CompletionRequest, await read_json_object(request))
+        req: CompletionRequest = parse_body(CompletionRequest, await read_json_object(request))
         check_model(engine, req.model)
         prompts = req.prompts()
         if isinstance(prompts[0], str):

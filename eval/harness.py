@@ -1,0 +1,176 @@
+"""Run a suite with lm-eval, offline: against a served endpoint (ours, started here, or any URL) or a checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from eval.suites import Suite, task_configs
+from models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["endpoint", "checkpoint"]
+Api = Literal["completions", "chat"]
+Backend = Literal["hf", "vllm"]
+
+# Never reach for a hub: datasets, tokenizers and models all come from local files (eval/sources.py).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_UPDATE_DOWNLOAD_COUNTS": "0", "TOKENIZERS_PARALLELISM": "false"}
+MAX_LENGTH = 2048  # context for lm-eval and the server it starts: both modes truncate alike
+LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
+
+
+class EvalError(RuntimeError):
+    """A problem the user can fix (bad name, unreachable endpoint, wrong mode): reported as one line."""
+
+
+def go_offline() -> None:
+    os.environ.update(OFFLINE_ENV)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What answers the suite's requests."""
+
+    mode: Mode
+    model: str  # served model name (endpoint) or registry name / checkpoint directory
+    spec: ModelSpec | None  # None: a remote endpoint serving a model this machine does not have
+    base_url: str | None = None  # http://host:port (endpoint mode)
+    api_key: str | None = None
+    api: Api = "completions"
+    backend: Backend = "hf"
+    batch_size: int = 8
+    max_length: int = MAX_LENGTH
+
+    def describe(self) -> str:
+        if self.mode == "endpoint":
+            return f"endpoint {self.base_url} ({self.api})"
+        return f"checkpoint ({self.backend})"
+
+
+@dataclass
+class SuiteResult:
+    lm_eval: dict[str, Any] | None = None  # simple_evaluate's output (results, configs, n-samples, samples)
+    server_checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {metric: (value, stderr), n}
+    seconds: float = 0.0
+
+
+def check_endpoint(base_url: str, model: str, api_key: str | None) -> None:
+    """Fail early, in one line, when the URL does not answer or does not serve `model`."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=10)
+    except httpx.HTTPError as e:
+        raise EvalError(f"cannot reach the endpoint {base_url}: {e or type(e).__name__}") from e
+    if r.status_code == 401:
+        raise EvalError(f"the endpoint {base_url} refused the API key (401): pass --api-key or set CASCADE_API_KEY")
+    if r.status_code != 200:
+        raise EvalError(f"the endpoint {base_url} answered {r.status_code} to GET /v1/models")
+    served = [m.get("id") for m in r.json().get("data", [])]
+    if model not in served:
+        raise EvalError(f"the endpoint {base_url} serves {', '.join(map(str, served)) or 'no model'}, not {model!r}")
+
+
+@contextlib.contextmanager
+def served(spec: ModelSpec, log_dir: Path, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """Start our server (`python -m serve`) on a free local port for the duration of a run."""
+    from serve.launch import free_port, spawn, stop, wait_healthy
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = log_dir / "server.log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    from models.registry import all_models
+
+    model = spec.name if spec.name in all_models() else str(spec.checkpoint_dir)  # a directory has no name
+    cmd = [sys.executable, "-m", "serve", "--model", model, "--port", str(port),
+           "--max-model-len", str(min(spec.max_context, MAX_LENGTH)), *extra_args]
+    # vLLM on CPU otherwise reserves 92% of RAM for its KV cache and refuses to start beside anything else.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    log.info("starting the server for %s on %s (log: %s)", spec.name, url, log_path)
+    proc = spawn(cmd, log_path, Path.cwd())
+    try:
+        wait_healthy(url, proc, log_path)
+    except RuntimeError as e:
+        raise EvalError(f"the server for {spec.name} did not start; see {log_path}") from e
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+def lm_eval_model(target: Target) -> tuple[str, dict[str, Any]]:
+    """lm-eval's model type and arguments for the target."""
+    if target.mode == "checkpoint":
+        assert target.spec is not None
+        path = str(target.spec.checkpoint_dir)
+        if target.backend == "vllm":
+            return "vllm", {"pretrained": path, "dtype": target.spec.dtype, "max_model_len": target.max_length,
+                            "enforce_eager": True, "batch_size": "auto"}
+        return "hf", {"pretrained": path, "dtype": target.spec.dtype, "max_length": target.max_length,
+                      "batch_size": target.batch_size}
+    endpoint = "chat/completions" if target.api == "chat" else "completions"
+    args: dict[str, Any] = {"model": target.model, "base_url": f"{target.base_url}/v1/{endpoint}",
+                            "num_concurrent": 1, "max_retries": 2, "timeout": 600, "max_length": target.max_length}
+    if target.api_key:
+        args["header"] = {"Authorization": f"Bearer {target.api_key}"}
+        args["auth_token"] = target.api_key
+    if target.api == "chat":
+        return "local-chat-completions", args | {"tokenizer_backend": "none", "tokenized_requests": False}
+    # Token ids in, token log-probs out: the HF tokenizer of a local checkpoint, else the server's /tokenize.
+    if target.spec is not None and target.spec.chat_format == "hf" and target.spec.checkpoint_dir.is_dir():
+        tokenizer = {"tokenizer_backend": "huggingface", "tokenizer": str(target.spec.checkpoint_dir)}
+    else:
+        tokenizer = {"tokenizer_backend": "remote"}
+    return "local-completions", args | tokenizer | {"tokenized_requests": True, "batch_size": target.batch_size}
+
+
+def run_lm_eval(target: Target, suite: Suite, limit: int | None, log_samples: bool = True) -> dict[str, Any]:
+    import lm_eval
+
+    configs = task_configs(suite.tasks)
+    if target.mode == "endpoint" and target.api == "chat":
+        needs_logprobs = [c["task"] for c in configs if c.get("output_type") in LOGLIKELIHOOD_TYPES]
+        if needs_logprobs:
+            raise EvalError(f"{', '.join(needs_logprobs)} need(s) log-likelihoods, which the chat API does not "
+                            "return: use --api completions")
+    model, model_args = lm_eval_model(target)
+    log.info("lm-eval: %s on %s, %d task(s), limit %s", model, target.model, len(configs), limit)
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=configs, limit=limit, log_samples=log_samples,
+        device="cpu" if target.backend == "hf" and not _cuda() else None,
+        apply_chat_template=target.api == "chat" and target.mode == "endpoint",
+        confirm_run_unsafe_code=True,  # HumanEval: the code runs in eval/sandbox.py, never in this process
+        bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=1234,
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_suite(target: Target, suite: Suite, limit: int | None) -> SuiteResult:
+    result = SuiteResult()
+    start = time.monotonic()
+    if suite.tasks:
+        result.lm_eval = run_lm_eval(target, suite, limit)
+    if suite.server_checks:
+        if target.mode != "endpoint" or target.base_url is None:
+            raise EvalError(f"suite {suite.name} checks the server's parsers: run it with --mode endpoint")
+        from eval.server_checks import run_checks
+
+        result.server_checks = run_checks(suite.server_checks, target.base_url, target.model, target.api_key, limit)
+    result.seconds = time.monotonic() - start
+    return result

@@ -1,0 +1,64 @@
+"""Named suites: which lm-eval task YAMLs (eval/tasks/) and which server checks (eval/server_checks.py) they run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    tasks: tuple[str, ...] = ()  # lm-eval tasks: eval/tasks/<name>.yaml
+    server_checks: tuple[str, ...] = ()  # our own checks through the server: eval/server_checks.py CHECKS
+    limit: int | None = None  # default examples per task (None: all); --limit overrides
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in [
+        Suite("smoke", "BIG-bench 1-digit addition three ways (multiple choice, log-likelihood, generation); CI",
+              tasks=("bb_add1_mc", "bb_add1_loglik", "bb_add1_gen"), limit=24),
+        Suite("bigbench", "BIG-bench tasks a small model can score on: arithmetic, unit conversion, logical "
+              "deduction, code description, navigation, counting",
+              tasks=("bb_add1_gen", "bb_add2_gen", "bb_add2_mc", "bb_add2_loglik", "bb_mul2_mc", "bb_si_conversion_mc",
+                     "bb_logical_deduction3_mc", "bb_code_line_description_mc", "bb_navigate_mc",
+                     "bb_object_counting_gen"), limit=100),
+        Suite("humaneval", "HumanEval pass@1, model-written code run in the sandbox", tasks=("humaneval",)),
+        Suite("tools", "function calling through the server: right tool, right arguments",
+              server_checks=("tool_calls_required", "tool_calls_auto")),
+        Suite("reasoning", "reasoning format through the server: thinking present and closed, answer after it",
+              server_checks=("reasoning_format",)),
+    ]
+}
+DEFAULT_SUITE = "bigbench"
+
+
+class UnknownSuiteError(KeyError):
+    def __str__(self) -> str:
+        return f"unknown suite {self.args[0]!r}; known: {', '.join(SUITES)}"
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise UnknownSuiteError(name)
+    return SUITES[name]
+
+
+def task_configs(names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """lm-eval task configs with their data prepared and `data_files` made absolute paths into the data cache."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from eval.sources import prepare_files
+
+    configs = [load_yaml(TASKS_DIR / f"{name}.yaml") for name in names]
+    files = prepare_files({rel for c in configs for rel in c["dataset_kwargs"]["data_files"].values()})
+    for config in configs:
+        data_files = config["dataset_kwargs"]["data_files"]
+        config["dataset_kwargs"] = {**config["dataset_kwargs"],
+                                    "data_files": {split: str(files[rel]) for split, rel in data_files.items()}}
+    return configs
