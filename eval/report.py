@@ -105,16 +105,17 @@ def run_markdown(report: RunReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_run(report: RunReport, out_dir: Path, samples: dict[str, Any] | None = None) -> list[Path]:
-    """report.json, report.md, report.png (+ samples.jsonl: every request and response, for reading failures)."""
-    paths = [write_text_atomic(out_dir / "report.json", report.to_json() + "\n"),
-             write_text_atomic(out_dir / "report.md", run_markdown(report)),
-             plot_run(report, out_dir / "report.png")]
-    if samples:
-        lines = [json.dumps({"task": task, **record}, default=str) for task, records in samples.items()
-                 for record in records]
-        paths.append(write_text_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n"))
-    return paths
+def write_run(report: RunReport, out_dir: Path) -> list[Path]:
+    return [write_text_atomic(out_dir / "report.json", report.to_json() + "\n"),
+            write_text_atomic(out_dir / "report.md", run_markdown(report)),
+            plot_run(report, out_dir / "report.png")]
+
+
+def write_samples(samples: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Every request and response with its scores, one JSON line each: for reading why a task failed."""
+    lines = [json.dumps({"task": task, **record}, default=str) for task, records in samples.items()
+             for record in records]
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def plot_run(report: RunReport, out: Path) -> Path:

@@ -150,29 +150,37 @@ def _samples(run: Path) -> dict[str, list[dict]]:
     return out
 
 
-@pytest.mark.server
-def test_smoke_suite_endpoint_and_checkpoint_agree(server: RunningServer, tmp_path: Path) -> None:
-    """Log-likelihood scores through the server (vLLM, token log-probs) equal lm-eval's own hf forward pass."""
-    ep, hf = tmp_path / "endpoint", tmp_path / "checkpoint"
-    assert main(["run", "--suite", "smoke", "--url", server.base_url, "--api-key", "test-key", "--out", str(ep)]) == 0
-    assert main(["run", "--suite", "smoke", "--mode", "checkpoint", "--out", str(hf)]) == 0
-    a = RunReport.from_json((ep / "report.json").read_text())
-    b = RunReport.from_json((hf / "report.json").read_text())
-    assert a.mode.startswith("endpoint") and b.mode == "checkpoint (hf)" and a.params == b.params == 134_515_008
-    loglik = {(r.task, r.metric): r for r in b.rows if r.task in ("bb_add1_mc", "bb_add1_loglik")}
+def _assert_same_loglikelihoods(a: Path, b: Path) -> None:
+    """Scores of the log-likelihood tasks match, and so does every log-likelihood lm-eval saw, request by request."""
+    ra, rb = (RunReport.from_json((run / "report.json").read_text()) for run in (a, b))
+    loglik = {(r.task, r.metric): r for r in rb.rows if r.task in ("bb_add1_mc", "bb_add1_loglik")}
     assert {m for _, m in loglik} == {"acc", "acc_norm", "perplexity"} and all(r.n == 24 for r in loglik.values())
-    for row in a.rows:
+    for row in ra.rows:
         if (row.task, row.metric) in loglik:
             assert math.isclose(row.value, loglik[row.task, row.metric].value, rel_tol=1e-3), row
-    # Per request, not just per score: every log-likelihood lm-eval saw, from both modes.
-    sa, sb = _samples(ep), _samples(hf)
+    sa, sb = _samples(a), _samples(b)
     for task in ("bb_add1_mc", "bb_add1_loglik"):
         assert len(sa[task]) == len(sb[task]) == 24
         for x, y in zip(sa[task], sb[task], strict=True):
             assert x["doc_id"] == y["doc_id"] and x["arguments"] == y["arguments"]
             for (lp_x, greedy_x), (lp_y, greedy_y) in zip(x["filtered_resps"], y["filtered_resps"], strict=True):
                 assert abs(lp_x - lp_y) < 2e-3 and (greedy_x == greedy_y or abs(lp_x) > 1), (task, x["doc_id"])
-    mc = next(r for r in a.rows if r.task == "bb_add1_mc" and r.metric == "acc")
+
+
+@pytest.mark.server
+def test_smoke_suite_endpoint_and_checkpoint_agree(server: RunningServer, tmp_path: Path) -> None:
+    """Through the server (vLLM, token log-probs), lm-eval's own hf forward pass, and lm-eval's vllm model."""
+    ep, hf, vllm = tmp_path / "endpoint", tmp_path / "hf", tmp_path / "vllm"
+    assert main(["run", "--suite", "smoke", "--url", server.base_url, "--api-key", "test-key", "--out", str(ep)]) == 0
+    assert main(["run", "--suite", "smoke", "--mode", "checkpoint", "--out", str(hf)]) == 0
+    assert main(["run", "--suite", "smoke", "--mode", "checkpoint", "--backend", "vllm", "--out", str(vllm)]) == 0
+    report = RunReport.from_json((ep / "report.json").read_text())
+    modes = [RunReport.from_json((run / "report.json").read_text()).mode for run in (hf, vllm)]
+    assert report.mode.startswith("endpoint") and modes == ["checkpoint (hf)", "checkpoint (vllm)"]
+    assert report.params == 134_515_008
+    _assert_same_loglikelihoods(ep, hf)
+    _assert_same_loglikelihoods(ep, vllm)
+    mc = next(r for r in report.rows if r.task == "bb_add1_mc" and r.metric == "acc")
     assert 0.3 < mc.value < 1.0  # the 3-shot 135M model is right on most 1-digit sums, not all: a real signal
     assert (ep / "report.png").read_bytes().startswith(PNG) and "| bb_add1_gen | exact_match ↑ |" in (
         ep / "report.md").read_text()
