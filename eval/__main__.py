@@ -93,32 +93,30 @@ def evaluate(args: argparse.Namespace, model: str, suite: Suite, out_dir: Path,
              scratch_dir: Path | None = None) -> RunReport:
     """One model, one suite: start or check the endpoint, run, write the report into `out_dir` (the server log
     and every sample into `scratch_dir`, by default the same)."""
-    scratch_dir = scratch_dir or out_dir
     from models.checkpoint import count_parameters, is_complete
 
-    if args.url is None and args.mode == "checkpoint" and suite.server_checks:
-        raise EvalError(f"suite {suite.name} checks the server's parsers: run it with --mode endpoint")
-    limit = _limit(args, suite)
-    if args.url is not None and args.mode == "checkpoint":
+    scratch_dir = scratch_dir or out_dir
+    url = args.url.rstrip("/") if args.url else None
+    if url is not None and args.mode == "checkpoint":
         raise EvalError("--url evaluates a running server: it goes with --mode endpoint")
-    if args.url is not None:
-        check_endpoint(args.url.rstrip("/"), model, args.api_key)  # before any slow work
-    spec = _resolve_model(model, args.url)
+    limit = _limit(args, suite)
+    if url is not None:
+        check_endpoint(url, model, args.api_key)  # before any slow work
+    spec = _resolve_model(model, url)
     start = time.monotonic()
     with contextlib.ExitStack() as stack:
-        base_url = args.url.rstrip("/") if args.url else None
         served_name = model
-        if args.mode == "endpoint" and base_url is None:
+        if args.mode == "endpoint" and url is None:
             assert spec is not None
             # Models without a reasoning format of their own get `<think>` steering, so the reasoning check
             # exercises the parser; text without tags passes through unchanged for every other task.
             extra = (*(() if spec.reasoning_format else ("--reasoning-format", "think-tags")), *args.server_arg)
-            base_url = stack.enter_context(served(spec, scratch_dir, extra))
+            url = stack.enter_context(served(spec, scratch_dir, extra))
             served_name = spec.name
-            check_endpoint(base_url, served_name, None)
-        target = Target(mode=args.mode if args.url is None else "endpoint", model=served_name, spec=spec,
-                        base_url=base_url, api_key=args.api_key if args.url else None, api=args.api,
-                        backend=args.backend, batch_size=args.batch_size)
+            check_endpoint(url, served_name, None)
+        target = Target(mode=args.mode, model=served_name, spec=spec, base_url=url,
+                        api_key=args.api_key if args.url else None, api=args.api, backend=args.backend,
+                        batch_size=args.batch_size, own_server=args.url is None and args.mode == "endpoint")
         result = run_suite(target, suite, limit)
     params = count_parameters(spec.checkpoint_dir) if spec and is_complete(spec.checkpoint_dir) else None
     report = RunReport(model=model if spec is None else spec.name, suite=suite.name, mode=target.describe(),
@@ -166,7 +164,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         existing = model_dir / "report.json"
         if existing.is_file() and not args.rerun:
             report = RunReport.from_json(existing.read_text())
-            same_mode = report.mode.split()[0] == args.mode
+            same_mode = report.mode.startswith(args.mode)
             if report.suite == suite.name and report.limit == _limit(args, suite) and same_mode:
                 log.info("[%d/%d] %s: reusing %s", i, len(models), model, existing)
                 reports.append(report)

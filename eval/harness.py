@@ -51,10 +51,12 @@ class Target:
     backend: Backend = "hf"
     batch_size: int = 8
     max_length: int = MAX_LENGTH
+    own_server: bool = False  # eval started the server for this run (its port means nothing later)
 
     def describe(self) -> str:
         if self.mode == "endpoint":
-            return f"endpoint {self.base_url} ({self.api})"
+            where = "our server, started for the run" if self.own_server else self.base_url
+            return f"endpoint: {where} ({self.api})"
         return f"checkpoint ({self.backend})"
 
 
@@ -188,13 +190,13 @@ def _cuda() -> bool:
 
 
 def run_suite(target: Target, suite: Suite, limit: int | None) -> SuiteResult:
+    if suite.server_checks and (target.mode != "endpoint" or target.base_url is None):
+        raise EvalError(f"suite {suite.name} checks the server's parsers: run it with --mode endpoint")
     result = SuiteResult()
     start = time.monotonic()
     if suite.tasks:
         result.lm_eval = run_lm_eval(target, suite, limit)
     if suite.server_checks:
-        if target.mode != "endpoint" or target.base_url is None:
-            raise EvalError(f"suite {suite.name} checks the server's parsers: run it with --mode endpoint")
         from eval.server_checks import run_checks
 
         result.server_checks = run_checks(suite.server_checks, target.base_url, target.model, target.api_key, limit)

@@ -158,19 +158,23 @@ def mean_score(report: RunReport) -> float | None:
 
 
 def plot_comparison(reports: list[RunReport], out: Path) -> Path:
-    """Quality against parameter count: one line per task, the mean in black."""
+    """Quality against parameter count: each task's score as a dot, the mean per model as a labelled square."""
     import matplotlib.pyplot as plt
 
     from distill.plots import save_figure
 
     known = sorted((r for r in reports if r.params), key=lambda r: r.params or 0)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
     xs = [(r.params or 0) / 1e6 for r in known]
     for task in sorted({t for r in known for t in r.primary()}):
-        ax.plot(xs, [r.primary().get(task, math.nan) for r in known], marker="o", alpha=0.55, label=task)
-    ax.plot(xs, [mean_score(r) or math.nan for r in known], marker="s", color="black", linewidth=2.5, label="mean")
-    for x, r in zip(xs, known, strict=True):
-        ax.annotate(r.model, (x, mean_score(r) or 0), textcoords="offset points", xytext=(4, 6), fontsize=7)
+        ax.plot(xs, [r.primary().get(task, math.nan) for r in known], "o", alpha=0.5, markersize=5, label=task)
+    means = [mean_score(r) or 0.0 for r in known]
+    ax.plot(xs, means, "s-", color="black", linewidth=2, markersize=7, label="mean over tasks")
+    for i, (x, y, r) in enumerate(zip(xs, means, known, strict=True)):
+        same_size = sum(1 for j in range(i) if xs[j] == x)  # models of equal size: stack their labels
+        ax.annotate(r.model, (x, y), textcoords="offset points", xytext=(6, 8 + 11 * same_size), fontsize=7)
+    span = (max(xs) - min(xs)) if len(xs) > 1 else max(xs, default=1.0)
+    ax.set_xlim(min(xs, default=0) - 0.1 * span, max(xs, default=1) + 0.35 * span)
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel("score")
     ax.set_ylim(0, 1)

@@ -93,5 +93,6 @@ def write_text_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
         f.write(text)
+    os.chmod(f.name, 0o644)  # mkstemp makes it private; reports and data are meant to be read by others
     os.replace(f.name, path)
     return path

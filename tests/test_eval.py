@@ -16,7 +16,7 @@ from eval.report import Row, RunReport, comparison_markdown, write_comparison
 from eval.server_checks import run_checks, score_reasoning, score_tool_call
 from eval.sources import SourceError, convert_bigbench, prepare_files
 from eval.suites import SUITES, TASKS_DIR, task_configs
-from tests.conftest import REPO, RunningServer
+from tests.conftest import REPO, SERVER_START_TIMEOUT, RunningServer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -114,9 +114,9 @@ def test_comparison_report_and_plot(tmp_path: Path) -> None:
     assert again == reports[0]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "eval", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=timeout)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -215,7 +215,7 @@ def test_server_checks_score_the_parsers(server: RunningServer) -> None:
 
 @pytest.mark.server
 def test_cli_starts_its_own_server_for_the_tools_suite(tmp_path: Path) -> None:
-    r = _cli("run", "--suite", "tools", "--limit", "2", "--out", str(tmp_path))
+    r = _cli("run", "--suite", "tools", "--limit", "2", "--out", str(tmp_path), timeout=SERVER_START_TIMEOUT + 300)
     assert r.returncode == 0, r.stderr[-2000:]
     report = RunReport.from_json((tmp_path / "report.json").read_text())
     assert {row.task for row in report.rows} == {"tool_calls_required", "tool_calls_auto"}
