@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Literal
 import httpx
 
 from eval.suites import Suite, task_configs
-from models.registry import ModelSpec
+from models.registry import ModelSpec, all_models
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,8 @@ class Target:
 @dataclass
 class SuiteResult:
     lm_eval: dict[str, Any] | None = None  # simple_evaluate's output (results, configs, n-samples, samples)
-    server_checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {metric: (value, stderr), n}
-    seconds: float = 0.0
+    # check name -> {"metrics": {metric: (mean, stderr)}, "n": cases, "samples": per-case records}
+    server_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def check_endpoint(base_url: str, model: str, api_key: str | None) -> None:
@@ -78,7 +77,11 @@ def check_endpoint(base_url: str, model: str, api_key: str | None) -> None:
         raise EvalError(f"the endpoint {base_url} refused the API key (401): pass --api-key or set CASCADE_API_KEY")
     if r.status_code != 200:
         raise EvalError(f"the endpoint {base_url} answered {r.status_code} to GET /v1/models")
-    served = [m.get("id") for m in r.json().get("data", [])]
+    try:
+        served = [m.get("id") for m in r.json().get("data", [])]
+    except (ValueError, AttributeError, TypeError) as e:
+        raise EvalError(f"{base_url}/v1/models did not answer an OpenAI model list: is it an OpenAI-compatible "
+                        "server?") from e
     if model not in served:
         raise EvalError(f"the endpoint {base_url} serves {', '.join(map(str, served)) or 'no model'}, not {model!r}")
 
@@ -92,8 +95,6 @@ def served(spec: ModelSpec, log_dir: Path, extra_args: tuple[str, ...] = ()) -> 
     url = f"http://127.0.0.1:{port}"
     log_path = log_dir / "server.log"
     log_dir.mkdir(parents=True, exist_ok=True)
-    from models.registry import all_models
-
     model = spec.name if spec.name in all_models() else str(spec.checkpoint_dir)  # a directory has no name
     cmd = [sys.executable, "-m", "serve", "--model", model, "--port", str(port),
            "--max-model-len", str(min(spec.max_context, MAX_LENGTH)), *extra_args]
@@ -118,7 +119,7 @@ def lm_eval_model(target: Target) -> tuple[str, dict[str, Any]]:
         path = str(target.spec.checkpoint_dir)
         if target.backend == "vllm":
             return "vllm", {"pretrained": path, "dtype": target.spec.dtype, "max_model_len": target.max_length,
-                            "enforce_eager": True, "batch_size": "auto"}
+                            "enforce_eager": not _cuda(), "batch_size": "auto"}  # CPU: skip the compile
         return "hf", {"pretrained": path, "dtype": target.spec.dtype, "max_length": target.max_length,
                       "batch_size": target.batch_size}
     endpoint = "chat/completions" if target.api == "chat" else "completions"
@@ -193,12 +194,10 @@ def run_suite(target: Target, suite: Suite, limit: int | None) -> SuiteResult:
     if suite.server_checks and (target.mode != "endpoint" or target.base_url is None):
         raise EvalError(f"suite {suite.name} checks the server's parsers: run it with --mode endpoint")
     result = SuiteResult()
-    start = time.monotonic()
     if suite.tasks:
         result.lm_eval = run_lm_eval(target, suite, limit)
     if suite.server_checks:
         from eval.server_checks import run_checks
 
         result.server_checks = run_checks(suite.server_checks, target.base_url, target.model, target.api_key, limit)
-    result.seconds = time.monotonic() - start
     return result

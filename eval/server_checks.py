@@ -1,7 +1,8 @@
 """Our own checks that run through the chat endpoint, so the server's tool-call and reasoning parsers are scored as
 users meet them (lm-eval's chat model sends neither tools nor reasoning options).
 
-Each check returns {metric: (mean, stderr)} over its cases plus per-case records.
+A check sends its cases and scores each reply (0/1 per metric); `run_checks` turns the scores into
+{metric: (mean, stderr)} and keeps every case's request, reply and scores for samples.jsonl.
 """
 
 from __future__ import annotations

@@ -140,6 +140,8 @@ def test_endpoint_with_the_wrong_model_or_key(server: RunningServer) -> None:
     assert r.returncode == 2 and "refused the API key (401)" in r.stderr and "Traceback" not in r.stderr
     r = _cli("run", "--suite", "smoke", "--url", server.base_url, "--api-key", "test-key", "--model", "other")
     assert r.returncode == 2 and "serves smollm2-135m-instruct, not 'other'" in r.stderr
+    r = _cli("run", "--suite", "smoke", "--url", server.base_url, "--api-key", "test-key", "--api", "chat")
+    assert r.returncode == 2 and "bb_add1_mc, bb_add1_loglik need(s) log-likelihoods" in r.stderr
 
 
 def _samples(run: Path) -> dict[str, list[dict]]:
