@@ -27,7 +27,7 @@ class Row:
 class RunReport:
     model: str
     suite: str
-    mode: str  # what answered: "endpoint http://... (completions)" or "checkpoint (hf)"
+    mode: str  # what answered: Target.describe(), e.g. "endpoint: http://host:8000 (completions)", "checkpoint (hf)"
     params: int | None
     date: str  # ISO 8601, UTC
     limit: int | None

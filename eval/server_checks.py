@@ -80,38 +80,49 @@ def score_reasoning(case: dict[str, Any], message: dict[str, Any]) -> dict[str, 
             "answer_correct": float(case["expected"].casefold() in answer.casefold())}
 
 
-def _tool_check(tool_choice: str) -> Callable[[httpx.Client, str, int | None], tuple[list, list]]:
+Check = Callable[[httpx.Client, str, int | None], tuple[list, list]]
+
+
+def _ask_all(client: httpx.Client, desc: str, cases: list[dict[str, Any]],
+             body: Callable[[dict[str, Any]], dict[str, Any]],
+             score: Callable[[dict[str, Any], dict[str, Any]], dict[str, float]]) -> tuple[list, list]:
+    """One chat request per case; its reply scored, and kept with the case for samples.jsonl."""
+    scores, records = [], []
+    for case in tqdm(cases, desc=desc, unit="case"):
+        message = _chat(client, body(case))["choices"][0]["message"]
+        s = score(case, message)
+        scores.append(s)
+        records.append({"id": case["id"], "expected": case["expected"], "message": message, "scores": s})
+    return scores, records
+
+
+def _tool_check(tool_choice: str) -> Check:
     def run(client: httpx.Client, model: str, limit: int | None) -> tuple[list, list]:
         data = json.loads((TASKS_DIR / "tool_calls.json").read_text())
         cases = [c for c in data["cases"] if tool_choice == "auto" or c["expected"] is not None][:limit]
-        scores, records = [], []
-        for case in tqdm(cases, desc=f"tool calls ({tool_choice})", unit="case"):
+
+        def body(case: dict[str, Any]) -> dict[str, Any]:
             tools = [{"type": "function", "function": {"name": n, **data["tools"][n]}} for n in case["tools"]]
-            body = {"model": model, "messages": [{"role": "user", "content": case["request"]}], "tools": tools,
+            return {"model": model, "messages": [{"role": "user", "content": case["request"]}], "tools": tools,
                     "tool_choice": tool_choice, "max_tokens": 128, "temperature": 0}
-            message = _chat(client, body)["choices"][0]["message"]
-            s = score_tool_call(case, data["tools"], message)
-            scores.append(s)
-            records.append({"id": case["id"], "expected": case["expected"], "message": message, "scores": s})
-        return scores, records
+
+        return _ask_all(client, f"tool calls ({tool_choice})", cases, body,
+                        lambda case, message: score_tool_call(case, data["tools"], message))
 
     return run
 
 
 def _reasoning_check(client: httpx.Client, model: str, limit: int | None) -> tuple[list, list]:
     data = json.loads((TASKS_DIR / "reasoning.json").read_text())
-    scores, records = [], []
-    for case in tqdm(data["cases"][:limit], desc="reasoning format", unit="case"):
-        body = {"model": model, "messages": [{"role": "user", "content": case["request"]}], "temperature": 0,
+
+    def body(case: dict[str, Any]) -> dict[str, Any]:
+        return {"model": model, "messages": [{"role": "user", "content": case["request"]}], "temperature": 0,
                 "max_reasoning_tokens": data["max_reasoning_tokens"], "max_tokens": data["max_tokens"]}
-        message = _chat(client, body)["choices"][0]["message"]
-        s = score_reasoning(case, message)
-        scores.append(s)
-        records.append({"id": case["id"], "expected": case["expected"], "message": message, "scores": s})
-    return scores, records
+
+    return _ask_all(client, "reasoning format", data["cases"][:limit], body, score_reasoning)
 
 
-CHECKS: dict[str, Callable[[httpx.Client, str, int | None], tuple[list, list]]] = {
+CHECKS: dict[str, Check] = {
     "tool_calls_required": _tool_check("required"),
     "tool_calls_auto": _tool_check("auto"),
     "reasoning_format": _reasoning_check,

@@ -1,7 +1,7 @@
 """Task data from offline sources: BIG-bench and HumanEval come out of pinned PyPI packages, converted to JSONL.
 
-A task YAML names its data as `<source>/<file>.jsonl` relative to the data cache; `prepare_file` knows how to make
-each such file, so adding a BIG-bench task is writing its YAML (see eval/README.md).
+A task YAML names its data as `<source>/<file>.jsonl` relative to the data cache; `prepare_files` knows how to make
+each such file, so adding a BIG-bench task is writing its YAML (README.md, "Adding a suite").
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def convert_bigbench(task: str, examples: list[dict[str, Any]]) -> list[dict[str
         row: dict[str, Any] = {"id": i, "input": ex["input"]}
         scores = ex.get("target_scores")
         if scores:
-            row["choices"] = list(scores)
-            row["label"] = max(range(len(scores)), key=lambda k: float(list(scores.values())[k]))
+            values = [float(v) for v in scores.values()]
+            row["choices"], row["label"] = list(scores), values.index(max(values))
         target = ex.get("target")
         targets = [target] if isinstance(target, str) else list(target or [])
         if not targets and scores:

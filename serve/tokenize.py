@@ -15,7 +15,7 @@ from serve.chat import render_prompt
 from serve.engine import Engine
 from serve.errors import APIError
 from serve.protocol import ChatCompletionRequest
-from serve.routes import parse_body
+from serve.routes import check_model, parse_body
 
 
 class TokenizeRequest(BaseModel):
@@ -37,9 +37,8 @@ def register_tokenizer_routes(app: FastAPI) -> None:
     engine: Engine = app.state.engine
 
     def check(model: str | None) -> None:
-        if model is not None and model != engine.model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{engine.model_name}'",
-                           param="model", code="model_not_found")
+        if model is not None:  # optional here, unlike the OpenAI routes
+            check_model(engine, model)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
