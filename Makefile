@@ -23,7 +23,6 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-export VLLM_CPU_KVCACHE_SPACE ?= 2
 
 .PHONY: install model serve test lint bench-serve distill chat-data bench-distill bench-kernels eval eval-report clean
 
@@ -32,6 +31,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(DEVICE),dev]"
+	# setuptools leaves cascade.egg-info in the repo; run from here it shadows the installed metadata, and with it
+	# the vLLM plugin entry point (serve/vllm_plugin.py) that makes compiled models load back.
+	rm -rf cascade.egg-info
 ifeq ($(DEVICE),cpu)
 	# vllm-cpu also pulls torchvision, torchaudio and torchcodec builds made for another torch. Beside
 	# torch 2.13.0+cpu they fail to load ("operator torchvision::nms does not exist"; torchcodec raises an

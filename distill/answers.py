@@ -148,24 +148,19 @@ def answer_with_teacher(prompts_path: Path, out: Path, teacher: str, settings: A
     """Start our server for `teacher` on a free local port, answer, stop it."""
     from models.prepare import prepare
     from models.registry import get_model
-    from serve.launch import free_port, spawn, stop, wait_healthy
+    from serve.launch import start_server
 
     read_prompts(prompts_path)  # bad input fails before a server starts
-    spec = get_model(teacher)
-    prepare(spec)
-    port = free_port()
+    prepare(get_model(teacher))
     log_path = out.with_name(out.name + ".server.log")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "serve", "--model", teacher, "--port", str(port),
-           "--max-pending-requests", str(max(128, settings.concurrency)), *(server_args or [])]
-    proc = spawn(cmd, log_path, Path(__file__).resolve().parents[1])
+    args = ["--max-pending-requests", str(max(128, settings.concurrency)), *(server_args or [])]
+    print(f"answers: starting the server for {teacher} (log: {log_path})", file=sys.stderr)
     try:
-        print(f"answers: starting the server for {teacher} (log: {log_path})", file=sys.stderr)
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}", proc, log_path)
-        except RuntimeError as e:
-            last = str(e).strip().splitlines()[-1:]
-            raise EndpointError(f"the server for {teacher} did not start ({' '.join(last)}); log: {log_path}") from e
-        return write_answers(prompts_path, out, f"http://127.0.0.1:{port}", None, settings, progress)
+        server = start_server(teacher, args, log_path)
+    except RuntimeError as e:
+        last = str(e).strip().splitlines()[-1:]
+        raise EndpointError(f"the server for {teacher} did not start ({' '.join(last)}); log: {log_path}") from e
+    try:
+        return write_answers(prompts_path, out, server.url, None, settings, progress)
     finally:
-        stop(proc)
+        server.stop()

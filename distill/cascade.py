@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from distill.calibrate import STATS_FILE, collect_importance, load_importance, save_importance
 from distill.data import DataConfig, build_tokens
 from distill.losses import LossConfig
-from distill.model_io import load_config, load_model, model_from_state, plain_state, save_model, weights_state
+from distill.model_io import load_config, load_model, model_from_state, plain_state, save_model
 from distill.plan import (
     Architecture,
     Axis,
@@ -39,7 +39,7 @@ from distill.plan import (
     prune_to,
 )
 from distill.train import RESUMABLE_FIELDS, OptimConfig, TrainConfig, Trainer, read_metrics
-from models.checkpoint import is_prepared
+from models.checkpoint import is_prepared, weights_state
 from models.registry import REGISTRY, ModelSpec, cascade_home, get_model, register_model
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class Stage(BaseModel):
     tokens: int
     teacher: Literal["parent", "previous"] = "parent"
     optim: OptimConfig | None = None
+    drafter: bool = Field(False, description="register the student as the root parent's drafter for speculative "
+                                             "decoding (`python -m serve --draft-model NAME`)")
 
     @field_validator("tokens", mode="before")
     @classmethod
@@ -244,7 +246,8 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
                 parent_spec, name=stage.name, source="local", path=student_dir,
                 family=family if family in ("llama", "mistral", "ministral3") else parent_spec.family,
                 description=f"cascade {recipe.name} stage {i}: {plan.target.params / 1e6:.1f}M params distilled "
-                            f"from {parent_spec.name}",
+                            f"from {parent_spec.name}" + (" (a drafter)" if stage.drafter else ""),
+                draft_for=parent_spec.name if stage.drafter else None,
             ))
             print(f"stage {i} {stage.name}: val ppl {card['pruned_only'].get('val_ppl', float('nan')):.1f} -> "
                   f"{final['val_ppl']:.1f}, KL to parent {card['pruned_only'].get('val_kl', float('nan')):.3f} -> "

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from models.checkpoint import atomic_directory, check_checkpoint
+from models.tokenizers import tokenizer_vocab
 
 StateDict = dict[str, torch.Tensor]
 
@@ -62,25 +63,6 @@ def plain_state(model: PreTrainedModel) -> StateDict:
     return state
 
 
-def tokenizer_vocab(path: Path) -> list[str]:
-    """Token strings by id: from tokenizer.json (HF) or tekken.json (Mistral)."""
-    import json
-
-    if (path / "tokenizer.json").is_file():
-        data = json.loads((path / "tokenizer.json").read_text())
-        pieces = {int(i): t for t, i in data["model"]["vocab"].items()}
-        pieces |= {int(t["id"]): t["content"] for t in data.get("added_tokens", [])}
-    elif (path / "tekken.json").is_file():
-        data = json.loads((path / "tekken.json").read_text())
-        specials = data.get("special_tokens") or []
-        pieces = {int(t["rank"]): t["token_str"] for t in specials}
-        offset = int(data.get("config", {}).get("default_num_special_tokens", len(specials)))
-        pieces |= {offset + i: t.get("token_str") or t["token_bytes"] for i, t in enumerate(data["vocab"])}
-    else:
-        raise UnsupportedModelError(f"{path}: no tokenizer.json or tekken.json")
-    return [pieces.get(i, "") for i in range(max(pieces) + 1)]
-
-
 def check_same_tokenizer(student: Path, teacher: Path, vocab: int) -> None:
     """Distillation compares distributions id by id: the two tokenizers must agree on every shared id."""
     from distill.losses import VocabMismatchError
@@ -90,11 +72,6 @@ def check_same_tokenizer(student: Path, teacher: Path, vocab: int) -> None:
         if x != y:
             raise VocabMismatchError(f"student and teacher tokenizers differ: id {i} is {x!r} in {student} but {y!r} "
                                      f"in {teacher}; distillation on logits needs the same tokenizer")
-
-
-def weights_state(model_dir: Path) -> list[list[str | int]]:
-    """A checkpoint's weight files by name, size and modification time: retraining or replacing it changes them."""
-    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in sorted(model_dir.glob("*.safetensors"))]
 
 
 def copy_tokenizer(source: Path, dest: Path) -> None:

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from distill.data import BatchSampler, DataConfig, build_tokens
 from distill.losses import LossConfig, distill_loss, shared_vocab, token_divergence
-from distill.model_io import check_same_tokenizer, load_model, save_model, weights_state
-from models.checkpoint import COMPLETE_MARKER, atomic_directory
+from distill.model_io import check_same_tokenizer, load_model, save_model
+from models.checkpoint import COMPLETE_MARKER, atomic_directory, weights_state
 
 log = logging.getLogger(__name__)
 

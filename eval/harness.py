@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,28 +87,20 @@ def check_endpoint(base_url: str, model: str, api_key: str | None) -> None:
 
 @contextlib.contextmanager
 def served(spec: ModelSpec, log_dir: Path, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
-    """Start our server (`python -m serve`) on a free local port for the duration of a run."""
-    from serve.launch import free_port, spawn, stop, wait_healthy
+    """Start our server (`python -m serve`, the vLLM engine: lm-eval needs prompt log-probs) for a run."""
+    from serve.launch import served as run_server
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = log_dir / "server.log"
-    log_dir.mkdir(parents=True, exist_ok=True)
     model = spec.name if spec.name in all_models() else str(spec.checkpoint_dir)  # a directory has no name
-    cmd = [sys.executable, "-m", "serve", "--model", model, "--port", str(port),
-           "--max-model-len", str(min(spec.max_context, MAX_LENGTH)), *extra_args]
-    # vLLM on CPU otherwise reserves 92% of RAM for its KV cache and refuses to start beside anything else.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    log.info("starting the server for %s on %s (log: %s)", spec.name, url, log_path)
-    proc = spawn(cmd, log_path, Path.cwd())
+    args = ["--engine", "vllm", "--max-model-len", str(min(spec.max_context, MAX_LENGTH)), *extra_args]
+    log_path = log_dir / "server.log"
+    log.info("starting the server for %s (log: %s)", spec.name, log_path)
     try:
-        wait_healthy(url, proc, log_path)
+        with run_server(model, args, log_path) as server:
+            yield server.url
     except RuntimeError as e:
-        raise EvalError(f"the server for {spec.name} did not start; see {log_path}") from e
-    try:
-        yield url
-    finally:
-        stop(proc)
+        if "server exited" in str(e) or "not healthy" in str(e):
+            raise EvalError(f"the server for {spec.name} did not start; see {log_path}") from e
+        raise
 
 
 def lm_eval_model(target: Target) -> tuple[str, dict[str, Any]]:
@@ -118,8 +109,11 @@ def lm_eval_model(target: Target) -> tuple[str, dict[str, Any]]:
         assert target.spec is not None
         path = str(target.spec.checkpoint_dir)
         if target.backend == "vllm":
-            return "vllm", {"pretrained": path, "dtype": target.spec.dtype, "max_model_len": target.max_length,
-                            "enforce_eager": not _cuda(), "batch_size": "auto"}  # CPU: skip the compile
+            args = {"pretrained": path, "dtype": target.spec.dtype, "max_model_len": target.max_length,
+                    "enforce_eager": not _cuda(), "batch_size": "auto"}  # CPU: skip the compile
+            if not _cuda():  # vLLM's CPU default reserves most of the machine's memory for the KV cache
+                args["kv_cache_memory_bytes"] = 1 << 30
+            return "vllm", args
         return "hf", {"pretrained": path, "dtype": target.spec.dtype, "max_length": target.max_length,
                       "batch_size": target.batch_size}
     endpoint = "chat/completions" if target.api == "chat" else "completions"

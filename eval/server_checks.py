@@ -18,10 +18,11 @@ import jsonschema
 from tqdm import tqdm
 
 from eval.suites import TASKS_DIR
+from serve.formats import ALL_MARKERS
 
 log = logging.getLogger(__name__)
 
-MARKERS = ("<think>", "</think>", "[THINK]", "[/THINK]", "<tool_call>", "[TOOL_CALLS]")
+MARKERS = ALL_MARKERS  # no marker of any format may be left in the thinking or the answer
 
 
 def _chat(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:

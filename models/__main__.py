@@ -1,4 +1,5 @@
-"""`python -m models list | prepare NAME`: see the registry, make a model's checkpoint exist."""
+"""`python -m models list | prepare NAME | export-gguf NAME`: see the registry, make a model's checkpoint exist,
+write it as a GGUF for llama.cpp."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare", help="download/convert a registry model into $CASCADE_HOME")
     prep.add_argument("name")
     prep.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    from models.gguf import QUANTS
+
+    export = sub.add_parser("export-gguf", help="write a model or checkpoint as a GGUF for llama.cpp "
+                                                "(cached under $CASCADE_HOME/gguf)")
+    export.add_argument("name", help="registry name or checkpoint directory")
+    export.add_argument("--quant", choices=QUANTS, default="f16",
+                        help="weight format: f32, f16 (default), q8_0 or q4_1 (embeddings stay Q8_0)")
+    export.add_argument("--force", action="store_true", help="export again even if a cached export is current")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -28,11 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from models.downloads import DownloadError, IntegrityError
+    from models.gguf import GGUFExportError, export_gguf
     from models.prepare import prepare
 
     try:
-        path = prepare(get_model(args.name), force=args.force)
-    except (KeyError, OSError, ValueError, IntegrityError, DownloadError) as e:
+        if args.command == "export-gguf":
+            spec = get_model(args.name)
+            prepare(spec)
+            path = export_gguf(spec, args.quant, force=args.force)
+        else:
+            path = prepare(get_model(args.name), force=args.force)
+    except (KeyError, OSError, ValueError, IntegrityError, DownloadError, GGUFExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - e.g. pip cannot reach the registry: one line, not a traceback

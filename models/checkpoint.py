@@ -96,3 +96,8 @@ def write_text_atomic(path: Path, text: str) -> Path:
     os.chmod(f.name, 0o644)  # mkstemp makes it private; reports and data are meant to be read by others
     os.replace(f.name, path)
     return path
+
+
+def weights_state(model_dir: Path) -> list[list[str | int]]:
+    """A checkpoint's weight files by name, size and modification time: retraining or replacing it changes them."""
+    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in sorted(model_dir.glob("*.safetensors"))]

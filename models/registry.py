@@ -37,6 +37,7 @@ class ModelSpec:
     # Sampling used when a request leaves a parameter out (before generation_config.json and OpenAI's defaults).
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     description: str = ""
+    draft_for: str | None = None  # a small student made to draft for this model (speculative decoding)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

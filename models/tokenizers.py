@@ -21,6 +21,8 @@ class ChatTemplateError(ValueError):
 class ChatTokenizer(Protocol):
     eos_token_id: int
     supports_tools: bool
+    vocab_size: int  # token ids at or above it do not exist
+    max_token_chars: int  # the most characters one token decodes to (bounds tokens from text length)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
@@ -56,6 +58,9 @@ class HFChatTokenizer:
         self.eos_token_id = int(self.tok.eos_token_id)
         # Templates that know tools read a `tools` variable; others (SmolLM2's) get them as text (serve/tools.py).
         self.supports_tools = "tools" in self.tok.chat_template
+        self.vocab_size = len(self.tok)
+        # Byte-level BPE spells each byte as one character, so a token string's length bounds its decoded length.
+        self.max_token_chars = max(len(t) for t in self.tok.get_vocab())
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
@@ -92,6 +97,7 @@ class MistralChatTokenizer:
     """mistral_common renders Mistral chats (control tokens such as [INST] are not text a template can fake)."""
 
     def __init__(self, path: Path) -> None:
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         self._file = str(path / "tekken.json")
@@ -100,6 +106,9 @@ class MistralChatTokenizer:
         self.raw = self.mistral.instruct_tokenizer.tokenizer
         self.eos_token_id = int(self.raw.eos_id)
         self.supports_tools = True
+        self.vocab_size = int(self.raw.n_words)
+        self.max_token_chars = max(len(self.raw.id_to_byte_piece(i, SpecialTokenPolicy.KEEP))
+                                   for i in range(self.vocab_size))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.raw.encode(text, bos=add_special_tokens, eos=False))
@@ -147,6 +156,25 @@ class MistralChatTokenizer:
             return list(tokenizer.encode_chat_completion(request).tokens)
         except Exception as e:  # pydantic ValidationError, InvalidMessageStructureException, ...
             raise ChatTemplateError(str(e).splitlines()[0]) from e
+
+
+def tokenizer_vocab(path: Path) -> list[str]:
+    """Token strings by id: from tokenizer.json (HF) or tekken.json (Mistral)."""
+    import json
+
+    if (path / "tokenizer.json").is_file():
+        data = json.loads((path / "tokenizer.json").read_text())
+        pieces = {int(i): t for t, i in data["model"]["vocab"].items()}
+        pieces |= {int(t["id"]): t["content"] for t in data.get("added_tokens", [])}
+    elif (path / "tekken.json").is_file():
+        data = json.loads((path / "tekken.json").read_text())
+        specials = data.get("special_tokens") or []
+        pieces = {int(t["rank"]): t["token_str"] for t in specials}
+        offset = int(data.get("config", {}).get("default_num_special_tokens", len(specials)))
+        pieces |= {offset + i: t.get("token_str") or t["token_bytes"] for i, t in enumerate(data["vocab"])}
+    else:
+        raise ChatTemplateError(f"{path}: no tokenizer.json or tekken.json")
+    return [pieces.get(i, "") for i in range(max(pieces) + 1)]
 
 
 def load_tokenizer(spec: ModelSpec) -> ChatTokenizer:

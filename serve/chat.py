@@ -1,4 +1,4 @@
-"""Chat completions: render the conversation (with tools), run the generation plan, parse, shape the response.
+"""Chat completions: render the conversation (with tools), then run the generation plan and parse its output.
 
 A plan is one or more segments per choice. Most requests are a single segment. More happen when the server has to
 steer the model: a thinking budget (the server closes the thinking when it runs out and lets the model answer), a
@@ -16,15 +16,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
-
 from models.registry import ModelSpec, ReasoningFormat, ToolFormat
+from models.tokenizers import ChatTokenizer
 from serve.engine import Constraint, Engine, EngineOutput, GenerationParams, TokenLogprob
 from serve.errors import APIError
-from serve.parsers import REASONING_MARKERS, OutputParser, ParsedDelta, ParsedMessage
+from serve.formats import REASONING_FORMATS, ForcedStep
+from serve.parsers import OutputParser, ParsedDelta
 from serve.protocol import ChatCompletionRequest, NamedToolChoice
 from serve.tools import (
-    ForcedStep,
     arguments_constraint,
     check_tool_request,
     forced_call_steps,
@@ -145,13 +144,12 @@ def conversation(req: ChatCompletionRequest, spec: ModelSpec) -> list[dict[str, 
     return out
 
 
-def render_prompt(engine: Engine, req: ChatCompletionRequest) -> list[int]:
-    spec = engine.spec
+def render_prompt(spec: ModelSpec, tokenizer: ChatTokenizer, req: ChatCompletionRequest) -> list[int]:
+    """The chat request as prompt token ids (raises ChatTemplateError when the template refuses the messages)."""
     messages = conversation(req, spec)
     choice = tool_choice(req)
     # tool_choice "none": the tools stay out of the prompt (vLLM's --exclude-tools-when-tool-choice-none).
     tools = tools_for_template(req.tools) if req.tools and choice != "none" else None
-    tokenizer = engine.tokenizer
     if not tokenizer.supports_tools:
         messages = render_tools_as_text(messages, tools)
         tools = None
@@ -247,7 +245,7 @@ def _first_segment(plan: ChatPlan) -> _Segment:
         return _Segment(prefix=first.prefix if first else "",
                         constraint=first.constraint if first else plan.constraint)
     if plan.steer_thinking and plan.reasoning is not None:
-        start, end = REASONING_MARKERS[plan.reasoning]
+        start, end = REASONING_FORMATS[plan.reasoning].markers
         if plan.budget == 0:  # no thinking: write an empty thinking section and go straight to the answer
             return _answer_segment(plan, start + end)
         return _Segment(prefix=start, max_tokens=plan.budget, stop_at=end)
@@ -267,7 +265,7 @@ def _next_segment(plan: ChatPlan, done: _Segment, parser: OutputParser, reason: 
         if stop_reason == done.stop_at:
             return _answer_segment(plan, "")
         if reason == "length" and parser.in_reasoning:  # budget spent: close the thinking for the model
-            return _answer_segment(plan, REASONING_MARKERS[plan.reasoning][1])
+            return _answer_segment(plan, REASONING_FORMATS[plan.reasoning].end)
         return None  # the model stopped (EOS or a stop string) inside its thinking
     if reason != "stop" or stop_reason is not None:
         return None
@@ -279,99 +277,3 @@ def _next_segment(plan: ChatPlan, done: _Segment, parser: OutputParser, reason: 
             return _Segment(prefix=nxt.prefix, constraint=nxt.constraint
                             or arguments_constraint(list(plan.tool_defs), parser.last_tool_name))
     return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# response shapes
-
-
-def finish_reason(plan: ChatPlan, engine_finish: str, has_calls: bool) -> str:
-    if engine_finish == "stop" and has_calls and not plan.named_choice:
-        return "tool_calls"  # OpenAI ends a named choice with "stop"
-    return engine_finish
-
-
-def _keep_call(plan: ChatPlan, index: int) -> bool:
-    return plan.parallel_tool_calls or index == 0
-
-
-def message_json(plan: ChatPlan, m: ParsedMessage, reasoning_content: bool) -> dict[str, Any]:
-    msg: dict[str, Any] = {"role": "assistant", "content": m.content}
-    if plan.include_reasoning and m.reasoning is not None:
-        msg["reasoning"] = m.reasoning
-        if reasoning_content:
-            msg["reasoning_content"] = m.reasoning
-    calls = [c for k, c in enumerate(m.tool_calls) if _keep_call(plan, k)]
-    if calls:
-        msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                             for c in calls]
-    return msg
-
-
-def delta_json(plan: ChatPlan, d: ParsedDelta, reasoning_content: bool) -> dict[str, Any]:
-    delta: dict[str, Any] = {}
-    if d.reasoning and plan.include_reasoning:
-        delta["reasoning"] = d.reasoning
-        if reasoning_content:
-            delta["reasoning_content"] = d.reasoning
-    if d.content:
-        delta["content"] = d.content
-    calls = []
-    for c in d.tool_calls:
-        if not _keep_call(plan, c.index):
-            continue
-        if c.id is not None:
-            calls.append({"index": c.index, "id": c.id, "type": "function",
-                          "function": {"name": c.name, "arguments": c.arguments}})
-        else:
-            calls.append({"index": c.index, "function": {"arguments": c.arguments}})
-    if calls:
-        delta["tool_calls"] = calls
-    return delta
-
-
-async def chat_full(pieces: AsyncIterator[Piece], plan: ChatPlan, head: dict[str, Any], n: int, num_prompt: int,
-                    logprobs: bool, reasoning_content: bool, logprobs_json: Callable[[list[TokenLogprob]], Any],
-                    usage: Callable[[int, int], dict[str, int]]) -> Response:
-    messages = [ParsedMessage() for _ in range(n)]
-    lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    finishes = ["stop"] * n
-    tokens = 0
-    async for p in pieces:
-        messages[p.index].add(p.parsed)
-        lps[p.index] += p.logprobs
-        tokens += p.num_tokens
-        if p.finish_reason is not None:
-            finishes[p.index] = p.finish_reason
-    choices = [{"index": i, "message": message_json(plan, m, reasoning_content),
-                "logprobs": logprobs_json(lps[i]) if logprobs else None,
-                "finish_reason": finish_reason(plan, finishes[i], bool(m.tool_calls))}
-               for i, m in enumerate(messages)]
-    return JSONResponse(head | {"object": "chat.completion", "choices": choices, "system_fingerprint": None,
-                                "usage": usage(num_prompt, tokens)})
-
-
-async def chat_stream(pieces: AsyncIterator[Piece], plan: ChatPlan, head: dict[str, Any], n: int, num_prompt: int,
-                      include_usage: bool, logprobs: bool, reasoning_content: bool,
-                      logprobs_json: Callable[[list[TokenLogprob]], Any], usage: Callable[[int, int], dict[str, int]],
-                      sse: Callable[[Any], str]) -> AsyncIterator[str]:
-    base = head | {"object": "chat.completion.chunk", "system_fingerprint": None}
-    if include_usage:
-        base["usage"] = None  # OpenAI sends usage: null on every chunk, then one usage chunk
-    for i in range(n):
-        yield sse(base | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                       "logprobs": None, "finish_reason": None}]})
-    has_calls = [False] * n
-    tokens = 0
-    async for p in pieces:
-        tokens += p.num_tokens
-        has_calls[p.index] |= any(c.id is not None for c in p.parsed.tool_calls)
-        delta = delta_json(plan, p.parsed, reasoning_content)
-        if not delta and p.finish_reason is None and not (logprobs and p.logprobs):
-            continue
-        yield sse(base | {"choices": [{
-            "index": p.index, "delta": delta,
-            "logprobs": logprobs_json(p.logprobs) if logprobs and p.logprobs else None,
-            "finish_reason": finish_reason(plan, p.finish_reason, has_calls[p.index]) if p.finish_reason else None}]})
-    if include_usage:
-        yield sse(base | {"choices": [], "usage": usage(num_prompt, tokens)})

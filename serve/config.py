@@ -6,7 +6,11 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from models.gguf import QUANTS
 from models.registry import DEFAULT_MODEL
+from serve.formats import REASONING_FORMATS, TOOL_FORMATS
+
+ENGINES = ("vllm", "llamacpp")
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,14 @@ class ServerConfig:
     reasoning_format: str | None = None
     reasoning_content: bool = False
     log_level: str = "info"
+    engine: str = "vllm"
+    kv_cache_gib: float | None = None  # None: sized from the model, the context and the machine
+    restart_engine: bool = False
+    draft_model: str | None = None
+    num_draft_tokens: int = 3
+    gguf_quant: str = "f16"
+    threads: int | None = None  # llama.cpp compute threads; None: one per core
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -33,6 +45,14 @@ class ServerConfig:
             raise ValueError("--max-pending-requests must be at least 1")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api-key must not be empty")
+        if self.kv_cache_gib is not None and not 0 < self.kv_cache_gib <= 4096:
+            raise ValueError(f"--kv-cache-gib {self.kv_cache_gib} must be a positive number of GiB")
+        if not 1 <= self.num_draft_tokens <= 16:
+            raise ValueError(f"--num-draft-tokens {self.num_draft_tokens} must be between 1 and 16")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError(f"--max-model-len {self.max_model_len} is too small (at least 16)")
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -42,7 +62,7 @@ def _env(name: str, default: str | None = None) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serve",
-        description="OpenAI-compatible server for cascade models on vLLM's engine. "
+        description="OpenAI-compatible server for cascade models on vLLM's engine or llama.cpp's. "
                     "Every flag also reads an environment variable (shown in brackets).",
     )
     p.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
@@ -66,13 +86,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences the engine batches at once [CASCADE_MAX_NUM_SEQS] (default: vLLM's, 128 on CPU)")
     p.add_argument("--allow-pickle", action="store_true", default=_env("ALLOW_PICKLE", "0") == "1",
                    help="allow .bin/.pt checkpoints (pickle can run code) [CASCADE_ALLOW_PICKLE=1]")
-    p.add_argument("--tool-format", choices=["hermes", "mistral", "mistral-v11"], default=_env("TOOL_FORMAT"),
+    p.add_argument("--tool-format", choices=sorted(TOOL_FORMATS), default=_env("TOOL_FORMAT"),
                    help="how the model writes tool calls [CASCADE_TOOL_FORMAT] (default: the registry's)")
-    p.add_argument("--reasoning-format", choices=["think-tags", "mistral-think"], default=_env("REASONING_FORMAT"),
+    p.add_argument("--reasoning-format", choices=sorted(REASONING_FORMATS), default=_env("REASONING_FORMAT"),
                    help="how the model marks its thinking [CASCADE_REASONING_FORMAT] (default: the registry's)")
     p.add_argument("--reasoning-content", action="store_true", default=_env("REASONING_CONTENT", "0") == "1",
                    help="also send reasoning as `reasoning_content`, for clients written against vLLM < 0.17 "
                         "[CASCADE_REASONING_CONTENT=1]")
+    p.add_argument("--engine", choices=ENGINES, default=_env("ENGINE", "vllm"),
+                   help="vllm (AsyncLLM; GPU and CPU) or llamacpp (llama.cpp's server in-process, CPU; the model is "
+                        "exported to GGUF on first use) [CASCADE_ENGINE] (default: %(default)s)")
+    p.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB"),
+                   help="memory for the KV cache in GiB [CASCADE_KV_CACHE_GIB] (default: room for four full "
+                        "contexts or 32k tokens, at most a quarter of the free memory)")
+    p.add_argument("--restart-engine", action="store_true", default=_env("RESTART_ENGINE", "0") == "1",
+                   help="restart a dead engine in-process with back-off instead of exiting (status 3) "
+                        "[CASCADE_RESTART_ENGINE=1]")
+    p.add_argument("--draft-model", default=_env("DRAFT_MODEL"),
+                   help="registry name or checkpoint of a smaller model with the same tokenizer that drafts tokens "
+                        "for speculative decoding (a cascade student) [CASCADE_DRAFT_MODEL] (default: none)")
+    p.add_argument("--num-draft-tokens", type=int, default=_env("NUM_DRAFT_TOKENS", "3"),
+                   help="tokens drafted per step [CASCADE_NUM_DRAFT_TOKENS] (default: %(default)s)")
+    p.add_argument("--gguf-quant", choices=QUANTS, default=_env("GGUF_QUANT", "f16"),
+                   help="llamacpp engine: weight format of the exported GGUF; q8_0/q4_1 decode faster but "
+                        "round SmolLM2's near-ties differently [CASCADE_GGUF_QUANT] (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=_env("THREADS"),
+                   help="llamacpp engine: compute threads [CASCADE_THREADS] (default: one per core)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   default=_env("PREFIX_CACHE", "1") != "0",
+                   help="recompute every prompt instead of reusing the KV cache of a shared prefix: slower multi-turn "
+                        "chats, but repeated greedy requests give identical text on llama.cpp, whose f16 kernels "
+                        "round a re-evaluated token differently [CASCADE_PREFIX_CACHE=0]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"],
                    help="log level [CASCADE_LOG_LEVEL] (default: %(default)s)")
     # argparse runs string defaults through `type`, so a bad CASCADE_PORT is reported like a bad --port.

@@ -1,11 +1,13 @@
 """The engine interface the HTTP layer talks to: token ids in, streamed token/text deltas out.
 
-Kept engine-neutral (no vLLM types) so a second engine (a transformers loop, llama.cpp) can slot in behind the same
-routes. The vLLM implementation lives in `serve/vllm_engine.py`.
+Kept engine-neutral (no vLLM or llama.cpp types): `serve/vllm_engine.py` implements it on vLLM's `AsyncLLM`,
+`serve/llamacpp_engine.py` on llama.cpp's server (the `xllamacpp` wheel). Prompts arrive as token ids rendered by
+our tokenizer, so prompt rendering, usage counts and context checks are identical for every engine.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -43,6 +45,7 @@ class GenerationParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # False when a parser needs markers such as [THINK] in the text
     constraint: Constraint | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,24 @@ class EngineOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = field(default=None)  # first output only
 
 
+@dataclass(frozen=True)
+class SpecDecodeStats:
+    """Speculative decoding counters since the engine started (a drafter proposes, the target verifies)."""
+
+    drafts: int  # target steps that verified drafted tokens
+    draft_tokens: int  # tokens the drafter proposed
+    accepted_tokens: int  # of those, tokens the target accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens produced per target step: the accepted drafts plus the target's own token."""
+        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 0.0
+
+
 class EngineDeadError(RuntimeError):
     """The engine can no longer serve; /health reports 503 and requests get 503."""
 
@@ -80,14 +101,24 @@ class EngineDeadError(RuntimeError):
 class EngineRequestError(ValueError):
     """The engine rejected one request as invalid (its message is safe to show the client)."""
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field at fault, when known
+
+
+class EngineStartError(RuntimeError):
+    """The engine could not start; the message names the problem and the fix in one line."""
+
 
 class Engine(Protocol):
+    name: str  # "vllm" | "llamacpp"
     spec: ModelSpec  # formats (chat, tools, reasoning) the routes need
     model_name: str
     max_model_len: int
-    tokenizer: ChatTokenizer
+    tokenizer: ChatTokenizer  # loaded by start()
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Load the model; raise EngineStartError with a one-line reason on failure. Also used to restart."""
 
     def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
                  ) -> AsyncIterator[EngineOutput]: ...
@@ -97,6 +128,27 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    def is_running(self) -> bool:
+        """Cheap and synchronous: started and not known to be dead (checked before each request)."""
+
     async def is_healthy(self) -> bool: ...
 
+    def metrics_text(self) -> bytes:
+        """The engine's own Prometheus metrics (vLLM's `vllm:*`, llama.cpp's as `llamacpp:*`)."""
+
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Drafting counters, or None when the engine runs without a drafter."""
+
     def shutdown(self) -> None: ...
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(spec: ModelSpec) -> dict[str, float]:
+    """Sampling for what a request leaves out: the registry entry's defaults, then the model's
+    generation_config.json (as vLLM's own server applies it); the engine's neutral defaults after that."""
+    path = spec.checkpoint_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    found = {k: config[k] for k in SAMPLING_KEYS if config.get(k) is not None}
+    return found | spec.sampling_defaults

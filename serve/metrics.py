@@ -1,8 +1,10 @@
-"""Prometheus metrics of the HTTP layer, plus vLLM's own `vllm:*` metrics from the default registry."""
+"""Prometheus metrics of the HTTP layer (`cascade_*`); the engine adds its own (`vllm:*` or `llamacpp:*`)."""
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from serve.engine import SpecDecodeStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -24,7 +26,21 @@ class ServerMetrics:
         self.rejected = Counter("cascade_requests_rejected", "Requests refused because the queue was full",
                                 registry=r)
         self.aborted = Counter("cascade_requests_aborted", "Requests aborted (client went away)", registry=r)
+        # Speculative decoding, the same for every engine (set from the engine's counters at each scrape).
+        self.spec_draft_tokens = Gauge("cascade_spec_decode_draft_tokens", "Tokens the drafter proposed",
+                                       registry=r)
+        self.spec_accepted_tokens = Gauge("cascade_spec_decode_accepted_tokens",
+                                          "Drafted tokens the target accepted", registry=r)
+        self.spec_acceptance_rate = Gauge("cascade_spec_decode_acceptance_rate",
+                                          "Accepted / drafted tokens since start", registry=r)
+        self.spec_mean_accepted_length = Gauge("cascade_spec_decode_mean_accepted_length",
+                                               "Tokens per target step with a drafter (1 + accepted per draft)",
+                                               registry=r)
 
-    def render(self) -> bytes:
-        # vLLM's engine (in this process) registers its `vllm:` metrics in the default registry.
-        return generate_latest(self.registry) + generate_latest(REGISTRY)
+    def render(self, spec: SpecDecodeStats | None = None) -> bytes:
+        if spec is not None:
+            self.spec_draft_tokens.set(spec.draft_tokens)
+            self.spec_accepted_tokens.set(spec.accepted_tokens)
+            self.spec_acceptance_rate.set(spec.acceptance_rate)
+            self.spec_mean_accepted_length.set(spec.mean_accepted_length)
+        return generate_latest(self.registry)

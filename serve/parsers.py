@@ -4,7 +4,7 @@ One parser per output: `feed()` takes text pieces as the engine produces them an
 `finish()` flushes the rest. The streaming route sends each result as a delta and the non-streaming route adds them
 up, so both give the same message by construction (tests/test_parsers.py checks every split of the input).
 
-Formats (named by the model's registry entry):
+Formats (named by the model's registry entry; their markers and call syntax are records in `serve/formats.py`):
 - reasoning `think-tags`  `<think>...</think>`;  `mistral-think`  `[THINK]...[/THINK]` (special tokens as text).
 - tools `hermes`  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`;  `mistral` (pre-v11)
   `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`;  `mistral-v11`  `[TOOL_CALLS]name[ARGS]{...}` per call.
@@ -18,32 +18,13 @@ the thinking are dropped. An output cut off inside a call keeps the call with th
 from __future__ import annotations
 
 import json
-import secrets
-import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from models.registry import ReasoningFormat, ToolFormat
+from serve.formats import REASONING_FORMATS, TOOL_FORMATS, V11_ARGS, V11_CALL_ID
 
-REASONING_MARKERS: dict[str, tuple[str, str]] = {
-    "think-tags": ("<think>", "</think>"),
-    "mistral-think": ("[THINK]", "[/THINK]"),
-}
-TOOL_START = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "mistral-v11": "[TOOL_CALLS]"}
-HERMES_END = "</tool_call>"
-V11_ARGS = "[ARGS]"
-V11_CALL_ID = "[CALL_ID]"
 _ARGUMENT_KEYS = ("arguments", "parameters")
-ALNUM = string.ascii_letters + string.digits  # the alphabet of tool-call ids
-
-
-def mistral_tool_call_id() -> str:
-    """Mistral's format: 9 random alphanumerics (mistral_common rejects other ids in the history)."""
-    return "".join(secrets.choice(ALNUM) for _ in range(9))
-
-
-def openai_tool_call_id() -> str:
-    return "call_" + "".join(secrets.choice(ALNUM) for _ in range(24))
 
 
 @dataclass
@@ -232,10 +213,11 @@ class OutputParser:
     def __init__(self, reasoning: ReasoningFormat | None, tools: ToolFormat | None,
                  new_id: Callable[[], str] | None = None) -> None:
         self.reasoning_format = reasoning
-        self.tool_format = tools
-        self.think_start, self.think_end = REASONING_MARKERS[reasoning] if reasoning else ("", "")
-        self.tool_start = TOOL_START[tools] if tools else ""
-        self.new_id = new_id or (mistral_tool_call_id if tools in ("mistral", "mistral-v11") else openai_tool_call_id)
+        self.tool_format = TOOL_FORMATS[tools] if tools else None
+        self.think_start, self.think_end = REASONING_FORMATS[reasoning].markers if reasoning else ("", "")
+        self.tool_start = self.tool_format.start if self.tool_format else ""
+        self.tool_end = self.tool_format.end if self.tool_format else None
+        self.new_id = new_id or (self.tool_format.new_id if self.tool_format else (lambda: ""))
         self.state = "content"  # content | reasoning | call_name | call_args | envelope | array | after_call
         self.buf = ""
         self.held_ws = ""  # trailing whitespace of content/reasoning, sent only if more text follows
@@ -254,7 +236,7 @@ class OutputParser:
     @property
     def last_tool_name(self) -> str | None:
         """The name of the latest v11 call (a forced call picks its arguments' schema by it)."""
-        if self.tool_format != "mistral-v11":
+        if self.tool_format is None or self.tool_format.syntax != "name_args":
             return None
         return self.name_buf.strip() or None
 
@@ -283,7 +265,7 @@ class OutputParser:
         if self.state == "reasoning":
             return [m for m in (self.think_start, self.think_end, self.tool_start) if m]
         if self.state == "after_call":
-            return [m for m in (self.tool_start, HERMES_END if self.tool_format == "hermes" else "") if m]
+            return [m for m in (self.tool_start, self.tool_end) if m]
         return []
 
     def _step(self, out: ParsedDelta, final: bool) -> bool:
@@ -336,7 +318,7 @@ class OutputParser:
             self.held_ws = ""  # whitespace-only text before a call is not content
             self.strip_leading = False
             self._start_call()
-        elif marker == HERMES_END:  # only a marker after a hermes call
+        elif marker == self.tool_end:  # only a marker after a call
             self.state = "content"
         elif marker == self.think_start and self.state == "content":
             self.held_ws = ""
@@ -349,9 +331,11 @@ class OutputParser:
         # a repeated start marker inside the thinking, or a stray end marker in the answer, is dropped
 
     def _start_call(self) -> None:
-        if self.tool_format == "mistral-v11":
+        assert self.tool_format is not None
+        syntax = self.tool_format.syntax
+        if syntax == "name_args":
             self.state, self.name_buf = "call_name", ""
-        elif self.tool_format == "mistral":
+        elif syntax == "array":
             self.state, self.envelope = "array", None
             self._array_started = False
         else:

@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 MAX_N = 16
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 
 
 class _Request(BaseModel):
@@ -180,7 +181,20 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM extension, used by benchmark clients
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (decimal strings); got {key!r}")
+        return v
+
+    def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -230,6 +244,14 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def text_length(self) -> int:
+        """Characters the rendered prompt holds at least (contents, earlier calls, tool definitions)."""
+        chars = 0
+        for m in self.messages:
+            chars += len(m.text()) + len(m.thinking() or "")
+            chars += sum(len(c.function.name) + len(c.function.arguments) for c in m.tool_calls or ())
+        return chars + sum(len(t.function.model_dump_json()) for t in self.tools or ())
+
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
@@ -257,3 +279,18 @@ class CompletionRequest(SamplingFields):
         if all(isinstance(x, int) for x in p):
             return [p]  # type: ignore[list-item]
         return p  # type: ignore[return-value]
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or the chat form (validated as a chat request), whose rendered ids it returns."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Any] | None = None
+    add_special_tokens: bool = True  # prompt form only
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1 << 20)]

@@ -1,75 +1,62 @@
 """POST /tokenize, POST /detokenize, GET /tokenizer_info: vLLM's tokenizer routes, so clients (lm-eval's remote
-tokenizer among them) can count and build token-id prompts exactly as this server does."""
+tokenizer among them) can count and build token-id prompts exactly as this server does.
+
+They do model work, so they sit behind the API key like the OpenAI routes; inputs are capped by what the context can
+hold before any tokenizing, and the tokenizing runs in the server's bounded pool (dropped if the client leaves)."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response
 
-from models.tokenizers import ChatTemplateError
-from serve.app import read_json_object
-from serve.chat import render_prompt
-from serve.engine import Engine
 from serve.errors import APIError
-from serve.protocol import ChatCompletionRequest
-from serve.routes import check_model, parse_body
+from serve.http import cancel_on_disconnect, parse_body, read_json_object
+from serve.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
+from serve.routes import RouteContext, render_chat
+from serve.serving import check_model, check_text_length, check_token_ids
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[Any] | None = None  # the chat form (validated as a chat request): the rendered prompt's ids
-    add_special_tokens: bool = True  # prompt form only
-    return_token_strs: bool = False
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
-
-
-def register_tokenizer_routes(app: FastAPI) -> None:
-    engine: Engine = app.state.engine
+def register_tokenizer_routes(app: FastAPI, ctx: RouteContext) -> None:
+    engine = ctx.engine
 
     def check(model: str | None) -> None:
         if model is not None:  # optional here, unlike the OpenAI routes
             check_model(engine, model)
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
-        body = await read_json_object(request)
+    async def tokenize_body(body: dict[str, Any]) -> Response:
         req = parse_body(TokenizeRequest, body)
         check(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt", code="invalid_value")
         tok = engine.tokenizer
         if req.messages is not None:  # exactly the ids /v1/chat/completions would send to the engine
-            chat = parse_body(ChatCompletionRequest, {**body, "model": engine.model_name})
-            try:
-                ids = await asyncio.to_thread(render_prompt, engine, chat)
-            except ChatTemplateError as e:
-                raise APIError(400, str(e), param="messages", code="invalid_value") from None
+            ids = await render_chat(ctx, parse_body(ChatCompletionRequest, {**body, "model": engine.model_name}))
         else:
-            ids = await asyncio.to_thread(tok.encode, req.prompt or "", req.add_special_tokens)
+            prompt = req.prompt or ""
+            check_text_length(engine, len(prompt), "prompt")
+            ids = await ctx.pool.run(tok.encode, prompt, req.add_special_tokens)
         out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
         if req.return_token_strs:
             out["token_strs"] = [tok.decode([i]) for i in ids]
-        return out
+        return JSONResponse(out)
+
+    async def detokenize_body(body: dict[str, Any]) -> Response:
+        req = parse_body(DetokenizeRequest, body)
+        check(req.model)
+        check_token_ids(engine, req.tokens, "tokens")
+        return JSONResponse({"prompt": await ctx.pool.run(engine.tokenizer.decode, req.tokens)})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await read_json_object(request, ctx.pool)
+        return await cancel_on_disconnect(request, tokenize_body(body))
 
     @app.post("/detokenize")
-    async def detokenize(request: Request) -> dict[str, Any]:
-        req = parse_body(DetokenizeRequest, await read_json_object(request))
-        check(req.model)
-        vocab = engine.tokenizer.info()["vocab_size"]
-        if bad := [t for t in req.tokens if t >= vocab]:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="tokens",
-                           code="invalid_value")
-        return {"prompt": engine.tokenizer.decode(req.tokens)}
+    async def detokenize(request: Request) -> Response:
+        body = await read_json_object(request, ctx.pool)
+        return await cancel_on_disconnect(request, detokenize_body(body))
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from models.registry import ModelSpec, ToolFormat
 from serve.engine import Constraint
 from serve.errors import APIError
-from serve.parsers import ALNUM, HERMES_END, TOOL_START, V11_ARGS
+from serve.formats import ALNUM, HERMES, TOOL_FORMATS, ForcedStep
 from serve.protocol import ChatCompletionRequest, NamedToolChoice, Tool
 
 
@@ -76,7 +75,7 @@ def hermes_call_text(name: str, arguments: str) -> str:
         args: Any = json.loads(arguments)
     except ValueError:
         args = arguments
-    return f"{TOOL_START['hermes']}\n{json.dumps({'name': name, 'arguments': args}, ensure_ascii=False)}\n{HERMES_END}"
+    return f"{HERMES.start}\n{json.dumps({'name': name, 'arguments': args}, ensure_ascii=False)}\n{HERMES.end}"
 
 
 def render_tools_as_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -111,41 +110,13 @@ def render_tools_as_text(messages: list[dict[str, Any]], tools: list[dict[str, A
 # forced calls
 
 
-@dataclass(frozen=True)
-class ForcedStep:
-    """Text the server writes for the model, then a constraint on what the model writes next."""
-
-    prefix: str
-    constraint: Constraint | None  # None: filled in from the call name chosen in the previous step
-
-
-def _envelope_schema(tools: list[Tool]) -> dict[str, Any]:
-    variants = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                                  "arguments": t.function.parameters_schema()},
-                 "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-    return variants[0] if len(variants) == 1 else {"anyOf": variants}
-
-
 def forced_call_steps(fmt: ToolFormat, tools: list[Tool], choice: str | NamedToolChoice, parallel: bool
                       ) -> list[ForcedStep]:
-    """The steps that make the model call a tool: one for hermes and pre-v11 Mistral, one or two for v11."""
+    """The steps that make the model call a tool (the format's own recipe; a named choice allows one tool)."""
     if isinstance(choice, NamedToolChoice):
         tools = [t for t in tools if t.function.name == choice.function.name]
         parallel = False
-    if fmt == "hermes":  # one call: the JSON after `<tool_call>` is the envelope
-        return [ForcedStep(TOOL_START["hermes"] + "\n", Constraint("json", _envelope_schema(tools)))]
-    if fmt == "mistral":  # pre-v11: `[TOOL_CALLS]` then a JSON array of envelopes
-        array: dict[str, Any] = {"type": "array", "items": _envelope_schema(tools), "minItems": 1}
-        if not parallel:
-            array["maxItems"] = 1
-        return [ForcedStep(TOOL_START["mistral"], Constraint("json", array))]
-    # v11+: `[TOOL_CALLS]name[ARGS]{...}`; the name is chosen first when several tools are allowed
-    if len(tools) == 1:
-        t = tools[0]
-        return [ForcedStep(f"{TOOL_START['mistral-v11']}{t.function.name}{V11_ARGS}",
-                           Constraint("json", t.function.parameters_schema()))]
-    return [ForcedStep(TOOL_START["mistral-v11"], Constraint("choice", [t.function.name for t in tools])),
-            ForcedStep(V11_ARGS, None)]
+    return TOOL_FORMATS[fmt].forced_steps(tools, parallel)
 
 
 def arguments_constraint(tools: list[Tool], name: str | None) -> Constraint:

@@ -9,15 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Triton kernels run under the interpreter when there is no GPU; it is chosen when a kernel module is imported.
 # Kernel outputs start as NaN, so a row a kernel forgets to write fails its test.
 os.environ.setdefault("CASCADE_KERNEL_POISON", "1")
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,42 +24,50 @@ import pytest
 
 from models.prepare import prepare
 from models.registry import ModelSpec, get_model
-from serve.launch import free_port, spawn, stop, wait_healthy
+from serve.launch import ServerProcess, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT = 900  # the first start compiles with torch inductor: minutes on 2 cores
+ENGINES = ("vllm", "llamacpp")
 
 
 @dataclass
 class RunningServer:
     spec: ModelSpec
-    base_url: str  # http://127.0.0.1:PORT
+    engine: str
     api_key: str | None
-    proc: subprocess.Popen[bytes]
-    log_path: Path
+    process: ServerProcess
+
+    @property
+    def base_url(self) -> str:
+        return self.process.url
+
+    @property
+    def proc(self):
+        return self.process.proc
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
-def start_server(spec: ModelSpec, tmp: Path, *args: str, api_key: str | None = None) -> RunningServer:
-    port = free_port()
-    log_path = tmp / f"server-{spec.name}.log"
-    cmd = [sys.executable, "-m", "serve", "--model", spec.name, "--port", str(port), *args]
-    if api_key:
-        cmd += ["--api-key", api_key]
-    server = RunningServer(spec, f"http://127.0.0.1:{port}", api_key, spawn(cmd, log_path, REPO), log_path)
-    wait_healthy(server.base_url, server.proc, log_path, timeout=SERVER_START_TIMEOUT)
-    return server
+def start(spec: ModelSpec, tmp: Path, *args: str, engine: str = "vllm", api_key: str | None = None,
+          env: dict[str, str] | None = None) -> RunningServer:
+    cmd = ["--engine", engine, *args] + (["--api-key", api_key] if api_key else [])
+    process = start_server(spec.name, cmd, tmp / f"server-{spec.name}-{engine}.log", SERVER_START_TIMEOUT, env)
+    return RunningServer(spec, engine, api_key, process)
 
 
 def stop_server(server: RunningServer) -> None:
-    stop(server.proc)
+    server.process.stop()
 
 
 class LocalRenderer:
-    """The two engine attributes `serve.chat.render_prompt` reads, to render here what a server renders."""
+    """Renders chat prompts here exactly as a server for `spec` does."""
 
     def __init__(self, spec: ModelSpec) -> None:
         from models.tokenizers import load_tokenizer
@@ -75,7 +80,7 @@ class LocalRenderer:
         from serve.protocol import ChatCompletionRequest
 
         req = ChatCompletionRequest.model_validate({"model": self.spec.name, "messages": messages} | extra)
-        return render_prompt(self, req)  # type: ignore[arg-type]
+        return render_prompt(self.spec, self.tokenizer, req)
 
 
 @pytest.fixture(scope="session")
@@ -92,34 +97,86 @@ def tiny_mistral() -> ModelSpec:
     return spec
 
 
-@pytest.fixture(scope="session")
-def server(smollm2: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """The default model on the real vLLM engine, with an API key and a small admission limit.
+def _smollm2_server(smollm2: ModelSpec, tmp: Path, engine: str, *args: str) -> RunningServer:
+    """SmolLM2 with an API key and a small admission limit.
 
     SmolLM2 is not a reasoning model; the `<think>` parser is switched on so that reasoning tests run on real
     weights (structured outputs force a thinking section). Outputs without tags pass through unchanged.
     `--reasoning-content` also sends the thinking under its pre-0.17 vLLM name.
     """
-    s = start_server(smollm2, tmp_path_factory.mktemp("server"), "--max-model-len", "2048",
-                     "--max-pending-requests", "8", "--reasoning-format", "think-tags", "--reasoning-content",
-                     api_key="test-key")
+    return start(smollm2, tmp, "--max-model-len", "2048", "--max-pending-requests", "8", "--reasoning-format",
+                 "think-tags", "--reasoning-content", *args, engine=engine, api_key="test-key")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(smollm2: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """SmolLM2 on the vLLM engine (what evaluation and chat data need: prompt log-probs)."""
+    s = _smollm2_server(smollm2, tmp_path_factory.mktemp("server-vllm"), "vllm")
     yield s
     stop_server(s)
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tiny_mistral: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """A tiny Mistral model (Tekken tokenizer, mistral_common prompts) with auth off."""
-    s = start_server(tiny_mistral, tmp_path_factory.mktemp("tiny"), "--max-model-len", "1024")
+def llamacpp_server(smollm2: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """SmolLM2 on the llama.cpp engine (f16 GGUF, exported on first use). Without the prefix cache: llama.cpp's f16
+    kernels round a re-evaluated prompt token differently, and the matrix compares repeated greedy requests
+    (tests/test_llamacpp.py checks the cache itself)."""
+    s = _smollm2_server(smollm2, tmp_path_factory.mktemp("server-llamacpp"), "llamacpp", "--no-prefix-cache")
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def server(request: pytest.FixtureRequest) -> RunningServer:
+    """The API test matrix: every test that takes `server` runs against both engines, which keep the same promises."""
+    return request.getfixturevalue(f"{request.param}_server")
+
+
+@pytest.fixture(scope="session")
+def vllm_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A compile cache of this session's own, so a test can tell a cold start from a warm one."""
+    return tmp_path_factory.mktemp("vllm-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_mistral: ModelSpec, vllm_cache_root: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[RunningServer]:
+    """A tiny Mistral model (Tekken tokenizer, mistral_common prompts) with auth off, compiled (cold start)."""
+    s = start(tiny_mistral, tmp_path_factory.mktemp("tiny"), "--max-model-len", "1024",
+              env={"VLLM_CACHE_ROOT": str(vllm_cache_root)})
     yield s
     stop_server(s)
 
 
 @pytest.fixture(scope="session")
-def ministral_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """Tiny Ministral 3 with a Tekken v13 tokenizer: [THINK] reasoning and v11 `[TOOL_CALLS]name[ARGS]` calls."""
+def tiny_llamacpp_server(tiny_mistral: ModelSpec, tmp_path_factory: pytest.TempPathFactory
+                         ) -> Iterator[RunningServer]:
+    """tiny-mistral on llama.cpp (Tekken vocabulary in its GGUF; the context is its 512-token sliding window)."""
+    s = start(tiny_mistral, tmp_path_factory.mktemp("tiny-llamacpp"), engine="llamacpp")
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def tiny_ministral3() -> ModelSpec:
     spec = get_model("tiny-ministral3")
     prepare(spec)
-    s = start_server(spec, tmp_path_factory.mktemp("ministral"), "--max-model-len", "1024", "--enforce-eager")
+    return spec
+
+
+@pytest.fixture(scope="session")
+def ministral_server(tiny_ministral3: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Tiny Ministral 3 with a Tekken v13 tokenizer: [THINK] reasoning and v11 `[TOOL_CALLS]name[ARGS]` calls."""
+    s = start(tiny_ministral3, tmp_path_factory.mktemp("ministral"), "--max-model-len", "1024", "--enforce-eager")
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def ministral_llamacpp_server(tiny_ministral3: ModelSpec, tmp_path_factory: pytest.TempPathFactory
+                              ) -> Iterator[RunningServer]:
+    """tiny-ministral3 on llama.cpp (`mistral3` GGUF: YaRN rope, [THINK] kept as a special token in the text)."""
+    s = start(tiny_ministral3, tmp_path_factory.mktemp("ministral-llamacpp"), "--max-model-len", "1024",
+              engine="llamacpp")
     yield s
     stop_server(s)

@@ -24,7 +24,7 @@ def _lines(path: Path, records: list[object]) -> Path:
 
 
 @pytest.mark.server
-def test_teacher_answers_are_written_resumed_and_read_as_chat_data(server: RunningServer, smollm2: ModelSpec,
+def test_teacher_answers_are_written_resumed_and_read_as_chat_data(vllm_server: RunningServer, smollm2: ModelSpec,
                                                                    tmp_path: Path) -> None:
     prompts = _lines(tmp_path / "prompts.jsonl", [
         {"prompt": "What is the capital of France?"},
@@ -35,7 +35,7 @@ def test_teacher_answers_are_written_resumed_and_read_as_chat_data(server: Runni
     # an earlier run was interrupted after answering prompt 2 (and tore its last line): only 1 and 3 are asked
     (tmp_path / "answers.jsonl.partial").write_text(
         json.dumps({"index": 1, "answer": "Blue, from before.", "finish_reason": "stop"}) + "\n{\"index\": 2, \"ans")
-    counts = write_answers(prompts, out, server.base_url, server.api_key, AnswerSettings(max_tokens=24),
+    counts = write_answers(prompts, out, vllm_server.base_url, vllm_server.api_key, AnswerSettings(max_tokens=24),
                            progress=False)
     assert counts["answers"] == 3
     assert not (tmp_path / "answers.jsonl.partial").exists()

@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.cascade import load_recipe, run_recipe
 from models.registry import ModelSpec, get_model
-from tests.conftest import start_server, stop_server
+from tests.conftest import start, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
-def test_tiny_cascade_on_smollm2_is_served_by_vllm(smollm2: ModelSpec, tmp_path: Path,
+def test_tiny_cascade_on_smollm2_is_served_by_both_engines(smollm2: ModelSpec, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     parent = str(smollm2.checkpoint_dir)
     monkeypatch.setenv("CASCADE_HOME", str(tmp_path / "home"))  # students and the registry stay in the test
@@ -50,11 +50,13 @@ def test_tiny_cascade_on_smollm2_is_served_by_vllm(smollm2: ModelSpec, tmp_path:
     model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32).eval()
     ids = tok(prompt, return_tensors="pt").input_ids
     expected = tok.decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:])
-    server = start_server(spec, tmp_path, "--max-model-len", "256", "--enforce-eager")
-    try:
-        r = httpx.post(f"{server.base_url}/v1/completions", timeout=120, json={
-            "model": "smoke-b", "prompt": prompt, "max_tokens": 6, "temperature": 0})
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == expected
-    finally:
-        stop_server(server)
+    # ... and so does llama.cpp on its GGUF export (f32: the same numbers; a Mistral config with head_dim 64)
+    for engine, args in (("vllm", ("--enforce-eager",)), ("llamacpp", ("--gguf-quant", "f32"))):
+        server = start(spec, tmp_path, "--max-model-len", "256", *args, engine=engine)
+        try:
+            r = httpx.post(f"{server.base_url}/v1/completions", timeout=120, json={
+                "model": "smoke-b", "prompt": prompt, "max_tokens": 6, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == expected, engine
+        finally:
+            stop_server(server)

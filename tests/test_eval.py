@@ -135,12 +135,12 @@ def test_bad_input_is_one_line(args: tuple[str, ...], message: str) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_endpoint_with_the_wrong_model_or_key(server: RunningServer) -> None:
-    r = _cli("run", "--suite", "smoke", "--url", server.base_url, "--api-key", "wrong")
+def test_endpoint_with_the_wrong_model_or_key(vllm_server: RunningServer) -> None:
+    r = _cli("run", "--suite", "smoke", "--url", vllm_server.base_url, "--api-key", "wrong")
     assert r.returncode == 2 and "refused the API key (401)" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("run", "--suite", "smoke", "--url", server.base_url, "--api-key", "test-key", "--model", "other")
+    r = _cli("run", "--suite", "smoke", "--url", vllm_server.base_url, "--api-key", "test-key", "--model", "other")
     assert r.returncode == 2 and "serves smollm2-135m-instruct, not 'other'" in r.stderr
-    r = _cli("run", "--suite", "smoke", "--url", server.base_url, "--api-key", "test-key", "--api", "chat")
+    r = _cli("run", "--suite", "smoke", "--url", vllm_server.base_url, "--api-key", "test-key", "--api", "chat")
     assert r.returncode == 2 and "bb_add1_mc, bb_add1_loglik need(s) log-likelihoods" in r.stderr
 
 
@@ -170,10 +170,11 @@ def _assert_same_loglikelihoods(a: Path, b: Path) -> None:
 
 
 @pytest.mark.server
-def test_smoke_suite_endpoint_and_checkpoint_agree(server: RunningServer, tmp_path: Path) -> None:
+def test_smoke_suite_endpoint_and_checkpoint_agree(vllm_server: RunningServer, tmp_path: Path) -> None:
     """Through the server (vLLM, token log-probs), lm-eval's own hf forward pass, and lm-eval's vllm model."""
     ep, hf, vllm = tmp_path / "endpoint", tmp_path / "hf", tmp_path / "vllm"
-    assert main(["run", "--suite", "smoke", "--url", server.base_url, "--api-key", "test-key", "--out", str(ep)]) == 0
+    url = vllm_server.base_url
+    assert main(["run", "--suite", "smoke", "--url", url, "--api-key", "test-key", "--out", str(ep)]) == 0
     assert main(["run", "--suite", "smoke", "--mode", "checkpoint", "--out", str(hf)]) == 0
     assert main(["run", "--suite", "smoke", "--mode", "checkpoint", "--backend", "vllm", "--out", str(vllm)]) == 0
     report = RunReport.from_json((ep / "report.json").read_text())
@@ -189,8 +190,8 @@ def test_smoke_suite_endpoint_and_checkpoint_agree(server: RunningServer, tmp_pa
 
 
 @pytest.mark.server
-def test_humaneval_through_the_server(server: RunningServer, tmp_path: Path) -> None:
-    assert main(["run", "--suite", "humaneval", "--limit", "2", "--url", server.base_url, "--api-key", "test-key",
+def test_humaneval_through_the_server(vllm_server: RunningServer, tmp_path: Path) -> None:
+    assert main(["run", "--suite", "humaneval", "--limit", "2", "--url", vllm_server.base_url, "--api-key", "test-key",
                  "--out", str(tmp_path)]) == 0
     report = RunReport.from_json((tmp_path / "report.json").read_text())
     (row,) = report.rows[:1]
@@ -203,8 +204,9 @@ def test_humaneval_through_the_server(server: RunningServer, tmp_path: Path) -> 
 
 
 @pytest.mark.server
-def test_server_checks_score_the_parsers(server: RunningServer) -> None:
-    out = run_checks(("tool_calls_required", "reasoning_format"), server.base_url, server.spec.name, "test-key", 3)
+def test_server_checks_score_the_parsers(vllm_server: RunningServer) -> None:
+    out = run_checks(("tool_calls_required", "reasoning_format"), vllm_server.base_url, vllm_server.spec.name,
+                     "test-key", 3)
     tools, reasoning = out["tool_calls_required"], out["reasoning_format"]
     assert tools["n"] == 3 and reasoning["n"] == 3
     # A forced call is grammar-constrained: whatever the model picks, the parsed arguments fit the tool's schema.

@@ -37,6 +37,11 @@ def client_for(server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+# Both engines: vLLM, and llama.cpp on the GGUF export (Tekken vocabulary, [TOOL_CALLS]/[THINK] kept in the text).
+MISTRAL_SERVERS = ["tiny_server", "ministral_server", "tiny_llamacpp_server", "ministral_llamacpp_server"]
+MINISTRAL_SERVERS = ["ministral_server", "ministral_llamacpp_server"]
+
+
 def check_calls(message: Any) -> None:
     assert message.tool_calls, message
     for call in message.tool_calls:
@@ -44,7 +49,7 @@ def check_calls(message: Any) -> None:
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-@pytest.mark.parametrize("fixture", ["tiny_server", "ministral_server"])
+@pytest.mark.parametrize("fixture", MISTRAL_SERVERS)
 def test_prompt_carries_mistral_tool_tokens(fixture: str, request: pytest.FixtureRequest) -> None:
     server: RunningServer = request.getfixturevalue(fixture)
     local = LocalRenderer(server.spec)
@@ -60,7 +65,7 @@ def test_prompt_carries_mistral_tool_tokens(fixture: str, request: pytest.Fixtur
     assert r.usage.prompt_tokens == len(ids)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_server", "ministral_server"])
+@pytest.mark.parametrize("fixture", MISTRAL_SERVERS)
 def test_required_call_streamed_and_not(fixture: str, request: pytest.FixtureRequest) -> None:
     server: RunningServer = request.getfixturevalue(fixture)
     client = client_for(server)
@@ -75,7 +80,7 @@ def test_required_call_streamed_and_not(fixture: str, request: pytest.FixtureReq
         (c.function.name, c.function.arguments) for c in full.choices[0].message.tool_calls]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_server", "ministral_server"])
+@pytest.mark.parametrize("fixture", MISTRAL_SERVERS)
 def test_named_call(fixture: str, request: pytest.FixtureRequest) -> None:
     server: RunningServer = request.getfixturevalue(fixture)
     r = client_for(server).chat.completions.create(
@@ -86,13 +91,14 @@ def test_named_call(fixture: str, request: pytest.FixtureRequest) -> None:
     assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_time"]
 
 
-def test_thinking_budget_on_mistral_think(ministral_server: RunningServer) -> None:
+@pytest.mark.parametrize("fixture", MINISTRAL_SERVERS)
+def test_thinking_budget_on_mistral_think(fixture: str, request: pytest.FixtureRequest) -> None:
     """The server writes [THINK], lets the model think for 4 tokens, writes [/THINK], and the model answers.
 
     The random model only repeats [THINK] (which the parser absorbs), so the check is in the tokens: 12 completion
     tokens of which 10 were sampled (they have logprobs) and 2 are the markers the server wrote.
     """
-    client = client_for(ministral_server)
+    client = client_for(request.getfixturevalue(fixture))
     kwargs = dict(model="tiny-ministral3", messages=ASK, max_tokens=12, temperature=0, logprobs=True,
                   extra_body={"max_reasoning_tokens": 4})
     r = client.chat.completions.create(**kwargs)
@@ -103,9 +109,10 @@ def test_thinking_budget_on_mistral_think(ministral_server: RunningServer) -> No
                                                             r.choices[0].message.content)
 
 
-def test_thinking_then_forced_call(ministral_server: RunningServer) -> None:
+@pytest.mark.parametrize("fixture", MINISTRAL_SERVERS)
+def test_thinking_then_forced_call(fixture: str, request: pytest.FixtureRequest) -> None:
     """With a budget, the model thinks first; the server then closes the thinking and forces the call."""
-    r = client_for(ministral_server).chat.completions.create(
+    r = client_for(request.getfixturevalue(fixture)).chat.completions.create(
         model="tiny-ministral3", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=60, temperature=0,
         logprobs=True, extra_body={"max_reasoning_tokens": 3})
     check_calls(r.choices[0].message)

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve.parsers import OutputParser, ParsedMessage, ToolCall, mistral_tool_call_id, parse_whole
+from serve.formats import mistral_tool_call_id
+from serve.parsers import OutputParser, ParsedMessage, ToolCall, parse_whole
 
 
 def _ids() -> object:

@@ -174,9 +174,14 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
         assert t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-3)  # greedy: chosen is the best
 
 
-def test_completion_echo_logprobs(client: openai.OpenAI, tokenizer) -> None:
-    """What lm-eval's loglikelihood requests need: echo + logprobs over prompt tokens."""
+def test_completion_echo_logprobs(client: openai.OpenAI, tokenizer, server: RunningServer) -> None:
+    """What lm-eval's loglikelihood requests need: echo + logprobs over prompt tokens (llama.cpp has none: a 400)."""
     ids = tokenizer.encode("The capital of France is Paris")
+    if server.engine == "llamacpp":
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True, logprobs=1)
+        assert err.value.body["param"] == "echo"
+        return
     r = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
@@ -207,11 +212,15 @@ def test_async_client_concurrent(server: RunningServer) -> None:
 # auth
 
 
-def test_auth_required_on_v1(server: RunningServer) -> None:
+def test_auth_required_on_every_model_route(server: RunningServer) -> None:
+    """With a key set, every route that does model work needs it (the tokenizer routes too); /health and /metrics
+    stay open for probes and scrapers."""
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-key"}):
-        r = httpx.get(f"{server.base_url}/v1/models", headers=headers)
-        assert r.status_code == 401, headers
-        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
+                             ("POST", "/detokenize"), ("GET", "/tokenizer_info"), ("GET", "/no/such/route")):
+            r = httpx.request(method, f"{server.base_url}{path}", headers=headers, json={"prompt": "hi"})
+            assert r.status_code == 401, (headers, path)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     bad = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
@@ -321,14 +330,15 @@ def test_disconnect_aborts_generation(server: RunningServer) -> None:
     assert started.wait(120)
     stop.set()
     t.join(30)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120  # a state change, not a speed: generous on a loaded machine
     while metric(server, "cascade_requests_aborted_total") == aborted and time.monotonic() < deadline:
         time.sleep(0.2)
     assert metric(server, "cascade_requests_aborted_total") == aborted + 1
     # The engine itself stopped: no more tokens are generated (1500 would take ~40 s).
-    before = metric(server, "vllm:generation_tokens_total")
+    engine_counter = {"vllm": "vllm:generation_tokens_total", "llamacpp": "llamacpp:tokens_predicted_total"}
+    before = metric(server, engine_counter[server.engine])
     time.sleep(2)
-    assert metric(server, "vllm:generation_tokens_total") == before
+    assert metric(server, engine_counter[server.engine]) == before
     assert metric(server, "cascade_requests_running") == 0
 
 
@@ -337,7 +347,7 @@ def test_non_stream_disconnect_aborts(server: RunningServer) -> None:
     body = dict(LONG, stream=False)
     with pytest.raises(httpx.ReadTimeout):
         post(server, "/v1/chat/completions", body, timeout=1.5)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120  # a state change, not a speed: generous on a loaded machine
     while metric(server, "cascade_requests_aborted_total") == aborted and time.monotonic() < deadline:
         time.sleep(0.2)
     assert metric(server, "cascade_requests_aborted_total") == aborted + 1
@@ -359,7 +369,7 @@ def test_full_queue_gets_429(server: RunningServer) -> None:
         stop.set()
         for t in threads:
             t.join(60)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120  # a state change, not a speed: generous on a loaded machine
     while time.monotonic() < deadline:
         r = post(server, "/v1/chat/completions", {"model": MODEL, "messages": FRANCE, "max_tokens": 2})
         if r.status_code == 200:
@@ -374,6 +384,6 @@ def test_metrics_exposed(client: openai.OpenAI, server: RunningServer) -> None:
     for name in ("cascade_http_requests_total", "cascade_time_to_first_token_seconds_bucket",
                  "cascade_e2e_request_latency_seconds_bucket", "cascade_prompt_tokens_total",
                  "cascade_generation_tokens_total", "cascade_requests_running", "cascade_requests_waiting",
-                 "vllm:num_requests_running"):
+                 {"vllm": "vllm:num_requests_running", "llamacpp": "llamacpp:requests_processing"}[server.engine]):
         assert name in text, name
     assert metric(server, "cascade_http_requests_total", '{route="/v1/chat/completions",status="200"}') >= 1

@@ -1,0 +1,242 @@
+"""Start a server: check everything that can be checked before an engine loads (the model and its weights, the
+drafter, the port, the memory), build the engine, start it, then serve until stopped.
+
+Every failure at start is one line on stderr naming the problem and the fix, and a non-zero exit (2: bad
+configuration, 1: the engine failed to start), never a traceback. The KV cache is sized here, from the model and
+the machine, instead of vLLM's CPU default of most of the machine's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import json
+import logging
+import math
+import socket
+import sys
+
+from models.registry import ModelSpec
+from serve.config import ServerConfig
+from serve.engine import Engine, EngineStartError
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+DEFAULT_KV_TOKENS = 32768  # at least this many tokens of KV cache by default (4 full contexts if that is more)
+ENGINE_OVERHEAD = {"vllm": 2 * GiB, "llamacpp": GiB // 2}  # processes, imports, activations (measured RSS, rounded)
+
+
+class StartupError(Exception):
+    """A configuration or environment problem found before serving; the message says what to change."""
+
+
+def run(config: ServerConfig) -> int:
+    sock = None
+    try:
+        sock = bind(config.host, config.port)
+        engine = prepare_engine(config)
+    except StartupError as e:
+        if sock is not None:
+            sock.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(engine, config, sock))
+
+
+async def serve(engine: Engine, config: ServerConfig, sock: socket.socket) -> int:
+    import uvicorn
+
+    from serve.app import AppSettings, create_app
+    from serve.supervisor import EngineSupervisor
+
+    try:
+        await engine.start()
+    except EngineStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        engine.shutdown()
+        return 1
+    exit_code = 0
+    server: uvicorn.Server | None = None
+
+    def on_fatal(code: int) -> None:
+        nonlocal exit_code
+        exit_code = code
+        if server is not None:
+            server.should_exit = True
+
+    supervisor = EngineSupervisor(engine, restart=config.restart_engine, on_fatal=on_fatal)
+    app = create_app(engine, AppSettings(api_key=config.api_key, max_pending_requests=config.max_pending_requests,
+                                         reasoning_content=config.reasoning_content), supervisor)
+    spec = engine.spec
+    log.info("cascade server for %s on http://%s:%d (engine %s, auth %s, tools %s, reasoning %s)", spec.name,
+             config.host, config.port, engine.name, "on" if config.api_key else "off", spec.tool_format,
+             spec.reasoning_format)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, timeout_graceful_shutdown=10))
+    try:
+        await server.serve(sockets=[sock])  # the app's lifespan shuts the engine down
+    finally:
+        engine.shutdown()  # in case the app never started (shutdown twice is a no-op)
+    return exit_code
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks before any engine loads
+
+
+def prepare_engine(config: ServerConfig) -> Engine:
+    spec = resolve_model(config.model, config.allow_pickle)
+    overrides = {k: getattr(config, k) for k in ("tool_format", "reasoning_format") if getattr(config, k)}
+    spec = dataclasses.replace(spec, **overrides)
+    drafter = None
+    if config.draft_model:
+        from serve.drafters import DrafterError, check_drafter, warn_if_slower
+
+        drafter = resolve_model(config.draft_model, config.allow_pickle, what="--draft-model")
+        try:
+            check_drafter(spec, drafter)
+        except DrafterError as e:
+            raise StartupError(str(e)) from None
+        warn_if_slower(spec.name, drafter.name, config.engine)
+    max_model_len = context_length(spec, config)
+    kv_bytes = kv_cache_bytes(config, spec, drafter, max_model_len)
+    check_memory(config.engine, spec, drafter, kv_bytes)
+    if config.engine == "llamacpp":
+        return _llamacpp_engine(config, spec, drafter, max_model_len, kv_bytes)
+    from serve.vllm_engine import DraftSettings, VLLMEngine, VLLMSettings
+
+    draft = DraftSettings(drafter.checkpoint_dir, config.num_draft_tokens) if drafter else None
+    return VLLMEngine(spec, VLLMSettings(max_model_len=max_model_len, dtype=config.dtype or spec.dtype,
+                                         kv_cache_bytes=kv_bytes, enforce_eager=config.enforce_eager,
+                                         max_num_seqs=config.max_num_seqs, draft=draft,
+                                         prefix_cache=config.prefix_cache))
+
+
+def _llamacpp_engine(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | None, max_model_len: int,
+                     kv_bytes: int) -> Engine:
+    try:
+        import xllamacpp  # noqa: F401
+    except ImportError:
+        raise StartupError("the llamacpp engine needs the xllamacpp wheel: `make install` (DEVICE=cpu) installs "
+                           "it, or `pip install xllamacpp==2026.10.11549`") from None
+    from models.gguf import GGUFExportError, export_gguf
+    from serve.llamacpp_engine import LlamaCppEngine, LlamaCppSettings, default_threads
+
+    try:
+        gguf = export_gguf(spec, config.gguf_quant)
+        draft_gguf = export_gguf(drafter, config.gguf_quant) if drafter else None
+    except GGUFExportError as e:
+        raise StartupError(f"{spec.name} cannot run on llama.cpp: {e}") from None
+    tokens = kv_bytes // kv_bytes_per_token(spec, 2)  # llama.cpp keeps K and V in f16
+    return LlamaCppEngine(spec, LlamaCppSettings(
+        gguf=gguf, max_model_len=max_model_len, kv_cache_tokens=max(tokens, max_model_len),
+        parallel=config.max_num_seqs or 16, threads=config.threads or default_threads(), draft_gguf=draft_gguf,
+        num_draft_tokens=config.num_draft_tokens, max_requests=config.max_pending_requests,
+        prefix_cache=config.prefix_cache))
+
+
+def resolve_model(name: str, allow_pickle: bool, what: str = "--model") -> ModelSpec:
+    from models.checkpoint import MissingCheckpointError, UnsafeCheckpointError
+    from models.downloads import DownloadError, IntegrityError
+    from models.prepare import prepare
+    from models.registry import UnknownModelError, get_model
+
+    try:
+        spec = get_model(name)
+        prepare(spec, allow_pickle=allow_pickle)
+    except UnknownModelError as e:
+        raise StartupError(f"{what}: {e} (or give a checkpoint directory)") from None
+    except MissingCheckpointError as e:
+        raise StartupError(f"{what}: {e}; run `python -m models prepare {name}` or the recipe that makes it") \
+            from None
+    except UnsafeCheckpointError as e:
+        raise StartupError(f"{what}: {e}") from None
+    except (DownloadError, IntegrityError, OSError) as e:
+        raise StartupError(f"{what}: preparing {name} failed: {e}") from None
+    return spec
+
+
+def context_length(spec: ModelSpec, config: ServerConfig) -> int:
+    length = config.max_model_len or spec.max_context
+    window = _config(spec).get("sliding_window")
+    if config.engine == "llamacpp" and window and length > window:
+        if config.max_model_len:
+            raise StartupError(f"llama.cpp runs {spec.name} without its sliding window of {window} tokens, so "
+                               f"contexts over {window} tokens would compute another model: use --max-model-len "
+                               f"{window} or --engine vllm")
+        log.info("llama.cpp has no sliding window: serving %s with a context of %d tokens (its window)", spec.name,
+                 window)
+        length = window
+    return length
+
+
+def _config(spec: ModelSpec) -> dict:
+    return json.loads((spec.checkpoint_dir / "config.json").read_text())
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> int:
+    """K and V for every layer: 2 x layers x KV heads x head size."""
+    c = _config(spec)
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    return 2 * c["num_hidden_layers"] * (c.get("num_key_value_heads") or heads) * head_dim * dtype_bytes
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_cache_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | None, max_model_len: int) -> int:
+    """--kv-cache-gib, or room for max(4 contexts, 32k tokens), at most a quarter of the free memory."""
+    import psutil
+
+    dtype_bytes = 2 if config.engine == "llamacpp" else _DTYPE_BYTES[config.dtype or spec.dtype]
+    per_token = kv_bytes_per_token(spec, dtype_bytes) + (kv_bytes_per_token(drafter, dtype_bytes) if drafter else 0)
+    needed = per_token * max_model_len  # one full context, the least any engine accepts
+    if config.kv_cache_gib is not None:
+        chosen = int(config.kv_cache_gib * GiB)
+        if chosen < needed:
+            raise StartupError(f"--kv-cache-gib {config.kv_cache_gib} holds {chosen // per_token} tokens, less than "
+                               f"one context of {max_model_len}: raise it to at least "
+                               f"{math.ceil(needed / GiB * 100) / 100} or lower --max-model-len")
+        return chosen
+    wanted = per_token * max(4 * max_model_len, DEFAULT_KV_TOKENS)
+    cap = psutil.virtual_memory().available // 4
+    chosen = max(min(wanted, cap), needed)
+    return math.ceil(chosen / (GiB // 4)) * (GiB // 4)  # whole quarters of a GiB
+
+
+def check_memory(engine: str, spec: ModelSpec, drafter: ModelSpec | None, kv_bytes: int) -> None:
+    import psutil
+
+    weights = sum(f.stat().st_size for m in (spec, drafter) if m for f in m.checkpoint_dir.glob("*.safetensors"))
+    need = weights + kv_bytes + ENGINE_OVERHEAD[engine]
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise StartupError(f"not enough memory: the weights ({weights / GiB:.2f} GiB), the KV cache "
+                           f"({kv_bytes / GiB:.2f} GiB) and the engine (~{ENGINE_OVERHEAD[engine] / GiB:.1f} GiB) "
+                           f"need {need / GiB:.1f} GiB but {available / GiB:.1f} GiB is free: lower --kv-cache-gib "
+                           "or --max-model-len, or stop other processes")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the port now, before minutes of engine start, so a port in use fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(f"port {port} on {host} is already in use (another server?): stop it or choose "
+                               "another with --port / CASCADE_PORT") from None
+        if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(e, socket.gaierror):
+            raise StartupError(f"cannot listen on {host}: it is not an address of this machine (--host)") from None
+        if e.errno == errno.EACCES:
+            raise StartupError(f"port {port} needs privileges: choose one above 1023 with --port") from None
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
