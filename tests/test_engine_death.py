@@ -73,5 +73,5 @@ def test_a_killed_server_leaves_no_engine_behind(tiny_mistral: ModelSpec, tmp_pa
     children = psutil.Process(server.proc.pid).children(recursive=True)
     server.proc.kill()
     server.proc.wait()
-    gone, alive = psutil.wait_procs(children, timeout=60)
+    _, alive = psutil.wait_procs(children, timeout=60)
     assert alive == [], [p.name() for p in alive]

@@ -32,7 +32,7 @@ def tokenizer(server: RunningServer):
 
 
 def post(server: RunningServer, path: str, body: object, timeout: float = 300) -> httpx.Response:
-    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)  # ASCII: lone surrogates as escapes
     return httpx.post(f"{server.base_url}{path}", content=content, timeout=timeout,
                       headers={"Content-Type": "application/json", **server.headers})
 
@@ -231,6 +231,10 @@ def test_auth_required_on_every_model_route(server: RunningServer) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # errors: 400 naming the field, never a 500, never a dead server
 
+NESTED_ANY_OF: dict = {"type": "string"}
+for _ in range(80):
+    NESTED_ANY_OF = {"anyOf": [NESTED_ANY_OF, {"type": "integer"}]}
+
 BAD_BODIES = [
     ("{not json", None),
     ("[1, 2]", None),
@@ -247,6 +251,19 @@ BAD_BODIES = [
     ({"model": MODEL, "messages": FRANCE, "top_logprobs": 2}, None),
     ({"model": MODEL, "messages": FRANCE, "top_logprobs": 99, "logprobs": True}, "top_logprobs"),
     ({"model": MODEL, "messages": FRANCE, "max_tokens": 4000}, "messages"),
+    # found by testing the running server as a hostile client would: each was a 500 once
+    ('{"model": "m", "messages": ' + "[" * 5000 + "]" * 5000 + "}", "messages"),
+    ({"model": MODEL, "messages": FRANCE, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "deep", "schema": NESTED_ANY_OF}}}, "response_format.json_schema.schema"),
+    ({"model": MODEL, "messages": FRANCE, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": NESTED_ANY_OF}}]}, "tools.0.function"),
+    ({"model": MODEL, "messages": FRANCE, "stop": ["\ud800"]}, "stop.0"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi \udfff"}]}, "messages.0.content"),
+    ({"model": MODEL, "messages": FRANCE, "stream": "yes"}, "stream"),
+    ({"model": MODEL, "messages": FRANCE, "logprobs": 1}, "logprobs"),
+    ({"model": MODEL, "messages": FRANCE, "logit_bias": {"not-an-id": 5}}, "logit_bias"),
+    ({"model": MODEL, "messages": FRANCE, "logit_bias": {"999999": 5}}, "logit_bias"),
+    ({"model": MODEL, "messages": FRANCE, "logit_bias": {"5": 500}}, "logit_bias"),
 ]
 
 
@@ -267,6 +284,9 @@ def test_bad_chat_requests_are_400(server: RunningServer, body: object, param: s
     ({"model": MODEL, "prompt": "hi", "logprobs": 50}, "logprobs"),
     ({"model": MODEL, "prompt": "hi", "suffix": "x"}, "suffix"),
     ({"model": MODEL, "prompt": ["hi"] * 9}, "prompt"),  # more prompts than the server's 8 slots
+    ({"model": MODEL, "prompt": [1, 10**6], "stream": True}, "prompt"),  # not 200 + an error event
+    ({"model": MODEL, "prompt": "x" * 3_000_000}, "prompt"),  # cannot fit the context: refused untokenized
+    ({"model": MODEL, "prompt": "hi", "stop": "\ud800"}, "stop"),
 ])
 def test_bad_completion_requests_are_400(server: RunningServer, body: object, param: str) -> None:
     r = post(server, "/v1/completions", body)
@@ -387,3 +407,37 @@ def test_metrics_exposed(client: openai.OpenAI, server: RunningServer) -> None:
                  {"vllm": "vllm:num_requests_running", "llamacpp": "llamacpp:requests_processing"}[server.engine]):
         assert name in text, name
     assert metric(server, "cascade_http_requests_total", '{route="/v1/chat/completions",status="200"}') >= 1
+
+
+def test_logit_bias_steers_the_choice(client: openai.OpenAI, tokenizer) -> None:
+    plain = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=1, temperature=0)
+    first = tokenizer.encode(plain.choices[0].text, add_special_tokens=False)[0]
+    banned = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text != plain.choices[0].text
+    forced = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=1, temperature=0,
+                                       logit_bias={str(tokenizer.encode(" Rome", add_special_tokens=False)[0]): 100})
+    assert forced.choices[0].text == " Rome"
+
+
+def test_big_unauthenticated_bodies_are_refused_and_chat_goes_on(server: RunningServer,
+                                                                 client: openai.OpenAI) -> None:
+    """Six concurrent 3 MB /tokenize calls without the key once kept the tokenizer busy for seconds while /health
+    stayed green: now each is a 401 before anything is read or tokenized, and chat answers as usual."""
+    body = json.dumps({"prompt": "word " * 600_000})
+
+    def hammer() -> int:
+        return httpx.post(f"{server.base_url}/tokenize", content=body, timeout=120,
+                          headers={"Content-Type": "application/json"}).status_code
+
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(hammer())) for _ in range(6)]
+    for t in threads:
+        t.start()
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=8, temperature=0)
+    for t in threads:
+        t.join(120)
+    assert results == [401] * 6 and r.choices[0].message.content
+    with_key = httpx.post(f"{server.base_url}/tokenize", content=body, timeout=120,
+                          headers={"Content-Type": "application/json", **server.headers})
+    assert with_key.status_code == 400 and with_key.json()["error"]["code"] == "context_length_exceeded"
