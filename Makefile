@@ -3,6 +3,7 @@ DEVICE ?= cpu
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= smollm2-135m-instruct
+ENGINE ?= auto
 HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
@@ -24,7 +25,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model serve test lint bench-serve distill chat-data bench-distill bench-kernels eval eval-report clean
+.PHONY: install model gguf serve test lint bench-serve distill chat-data bench-distill bench-kernels eval eval-report clean
 
 install: $(STAMP)
 
@@ -45,8 +46,15 @@ endif
 model: $(STAMP)
 	$(PY) -m models prepare $(MODEL)
 
+# GGUF export for llama.cpp (QUANT=f32|f16|q8_0|q4_1), cached under $(CASCADE_HOME)/gguf; the llamacpp engine does
+# this itself on first use.
+QUANT ?= f16
+gguf: model
+	$(PY) -m models export-gguf $(MODEL) --quant $(QUANT)
+
+# ENGINE=auto picks llama.cpp on a CPU-only machine and vLLM on a GPU (README "Engines"); vllm or llamacpp force one.
 serve: model
-	$(PY) -m serve --model $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+	$(PY) -m serve --model $(MODEL) --engine $(ENGINE) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -54,6 +62,8 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# cascade (vLLM and llama.cpp engines, each registered student as drafter) vs vLLM's and llama.cpp's own servers at
+# concurrency 1/4/16/32, plus cold/warm start-up -> docs/bench/serve.md, serve.json, serve.png (about an hour).
 bench-serve: model
 	$(PY) -m serve.bench --model $(MODEL) $(BENCH_ARGS)
 

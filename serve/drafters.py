@@ -58,24 +58,30 @@ def load_speedups() -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def record_speedup(target: str, drafter: str, engine: str, speedup: float, acceptance: float) -> None:
-    """Written by the benchmark: one entry per (target, drafter, engine), the latest measurement."""
+def _key(target: str, drafter: str, engine: str, num_draft_tokens: int) -> str:
+    return f"{target}|{drafter}|{engine}|k={num_draft_tokens}"
+
+
+def record_speedup(target: str, drafter: str, engine: str, num_draft_tokens: int, speedup: float,
+                   acceptance: float) -> None:
+    """Written by the benchmark: one entry per (target, drafter, engine, drafted tokens), the latest measurement."""
     records = load_speedups()
-    records[f"{target}|{drafter}|{engine}"] = {"speedup": round(speedup, 3), "acceptance_rate": round(acceptance, 3),
-                                              "measured": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    records[_key(target, drafter, engine, num_draft_tokens)] = {
+        "speedup": round(speedup, 3), "acceptance_rate": round(acceptance, 3),
+        "measured": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
     write_text_atomic(_records_path(), json.dumps(records, indent=1, sort_keys=True) + "\n")
 
 
-def warn_if_slower(target: str, drafter: str, engine: str) -> None:
+def warn_if_slower(target: str, drafter: str, engine: str, num_draft_tokens: int) -> None:
     """Nothing is refused that works; a drafter measured to slow its target down gets a warning."""
-    entry = load_speedups().get(f"{target}|{drafter}|{engine}")
+    entry = load_speedups().get(_key(target, drafter, engine, num_draft_tokens))
     if entry is None:
-        log.info("drafter %s for %s on %s has no measured speed-up yet (make bench-serve measures it)", drafter,
-                 target, engine)
+        log.info("drafter %s for %s on %s (%d tokens) has no measured speed-up yet (make bench-serve measures it)",
+                 drafter, target, engine, num_draft_tokens)
     elif entry["speedup"] < 1.0:
-        log.warning("drafter %s made %s on %s %.2fx as fast (acceptance %.0f%%, measured %s): serving without it "
-                    "is faster", drafter, target, engine, entry["speedup"], 100 * entry["acceptance_rate"],
-                    entry["measured"])
+        log.warning("drafter %s made %s on %s %.2fx as fast with %d drafted tokens (acceptance %.0f%%, measured "
+                    "%s): serving without it is faster", drafter, target, engine, entry["speedup"], num_draft_tokens,
+                    100 * entry["acceptance_rate"], entry["measured"])
     else:
-        log.info("drafter %s: measured speed-up %.2fx on %s (acceptance %.0f%%, %s)", drafter, entry["speedup"],
-                 engine, 100 * entry["acceptance_rate"], entry["measured"])
+        log.info("drafter %s: measured speed-up %.2fx on %s with %d drafted tokens (acceptance %.0f%%, %s)", drafter,
+                 entry["speedup"], engine, num_draft_tokens, 100 * entry["acceptance_rate"], entry["measured"])

@@ -4,7 +4,9 @@ in-process through the `xllamacpp` wheel, and we call its handlers directly.
 What we keep ours, as with vLLM: prompts arrive as our token ids; stop strings and stop token ids are matched here
 (so a segment knows which stop ended it, as vLLM reports); structured outputs become llguidance grammars, validated
 before a request starts (llama.cpp itself would log a bad grammar and generate unconstrained); every token's id
-comes back through llama.cpp's logprobs (`n_probs` >= 1), which usage counts and multi-segment plans need.
+comes back through llama.cpp's logprobs (`n_probs` >= 1), which usage counts and multi-segment plans need. While a
+drafter speculates llama.cpp sends no logprobs; its stream is then one chunk per token, and we take the ids from
+our tokenizer (exact for the pieces a byte-level BPE writes), and refuse requests that ask for logprobs.
 
 llama.cpp's server also opens an HTTP listener of its own. It cannot be turned off, so we bind it to a Unix socket
 in a private directory and unlink that socket once the server is up: nothing can connect to it, and no TCP port
@@ -26,7 +28,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +177,9 @@ class LlamaCppEngine:
         return body
 
     def check_params(self, params: GenerationParams) -> None:
+        if params.logprobs is not None and self.settings.draft_gguf is not None:
+            raise EngineRequestError("llama.cpp returns no logprobs while a drafter speculates; serve without "
+                                     "--draft-model (or on the vllm engine) for logprobs", param="logprobs")
         if params.prompt_logprobs is not None:
             raise EngineRequestError("the llamacpp engine cannot return prompt logprobs (echo with logprobs); "
                                      "use the vllm engine for that", param="echo")
@@ -198,7 +203,7 @@ class LlamaCppEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
         stop = self._requests[request_id] = threading.Event()
-        choices = [_ChoiceState(i, params) for i in range(params.n)]
+        choices = [_ChoiceState(i, params, self.tokenizer.encode_piece) for i in range(params.n)]
 
         def on_chunk(raw: str) -> bool:  # llama.cpp's thread; returning True ends the request there
             loop.call_soon_threadsafe(queue.put_nowait, json.loads(raw))
@@ -271,6 +276,7 @@ class _ChoiceState:
 
     index: int
     params: GenerationParams
+    retokenize: Callable[[str], list[int]]  # ids for a chunk without logprobs (llama.cpp drafting omits them)
     finished: bool = False
     held: str = ""  # text that may be the start of a stop string
     ids: list[int] = field(default_factory=list)
@@ -279,8 +285,8 @@ class _ChoiceState:
         if self.finished:
             return None
         entries = (c.get("logprobs") or {}).get("content") or []
-        ids = [int(e["id"]) for e in entries]
         text = c.get("text") or ""
+        ids = [int(e["id"]) for e in entries] if entries or not text else self.retokenize(text)
         stopped: str | int | None = None
         # stop token ids: the token ends the choice and its text is not shown (vLLM's rule)
         for k, token in enumerate(ids):
