@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", default=_env("ENFORCE_EAGER", "0") == "1",
                    help="skip torch.compile: faster first start, slower decoding [CASCADE_ENFORCE_EAGER=1]")
     p.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS"),
-                   help="sequences the engine batches at once [CASCADE_MAX_NUM_SEQS] (default: vLLM's, 128 on CPU)")
+                   help="sequences the engine batches at once [CASCADE_MAX_NUM_SEQS] (default: vLLM's, 128 on CPU; "
+                        "llama.cpp: 32 slots sharing one KV cache)")
     p.add_argument("--allow-pickle", action="store_true", default=_env("ALLOW_PICKLE", "0") == "1",
                    help="allow .bin/.pt checkpoints (pickle can run code) [CASCADE_ALLOW_PICKLE=1]")
     p.add_argument("--tool-format", choices=sorted(TOOL_FORMATS), default=_env("TOOL_FORMAT"),

@@ -51,6 +51,7 @@ async def serve(engine: Engine, config: ServerConfig, sock: socket.socket) -> in
     import uvicorn
 
     from serve.app import AppSettings, create_app
+    from serve.http import uvicorn_config
     from serve.supervisor import EngineSupervisor
 
     try:
@@ -75,7 +76,7 @@ async def serve(engine: Engine, config: ServerConfig, sock: socket.socket) -> in
     log.info("cascade server for %s on http://%s:%d (engine %s, auth %s, tools %s, reasoning %s)", spec.name,
              config.host, config.port, engine.name, "on" if config.api_key else "off", spec.tool_format,
              spec.reasoning_format)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, timeout_graceful_shutdown=10))
+    server = uvicorn.Server(uvicorn_config(app, config.log_level))
     try:
         await server.serve(sockets=[sock])  # the app's lifespan shuts the engine down
     finally:
@@ -145,7 +146,7 @@ def _llamacpp_engine(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec |
     tokens = kv_bytes // kv_bytes_per_token(spec, 2)  # llama.cpp keeps K and V in f16
     return LlamaCppEngine(spec, LlamaCppSettings(
         gguf=gguf, max_model_len=max_model_len, kv_cache_tokens=max(tokens, max_model_len),
-        parallel=config.max_num_seqs or 16, threads=config.threads or default_threads(), draft_gguf=draft_gguf,
+        parallel=config.max_num_seqs or 32, threads=config.threads or default_threads(), draft_gguf=draft_gguf,
         num_draft_tokens=config.num_draft_tokens, max_requests=config.max_pending_requests,
         prefix_cache=config.prefix_cache))
 

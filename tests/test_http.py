@@ -6,6 +6,7 @@ point of the server tests); everything on the way in and out is the server's own
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -29,6 +30,7 @@ from serve.http import (
     install_error_handlers,
     parse_body,
     read_json_object,
+    uvicorn_config,
 )
 from serve.metrics import ServerMetrics
 from serve.protocol import ChatCompletionRequest
@@ -121,7 +123,7 @@ def plumbing() -> Iterator[tuple[str, dict[str, int]]]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "warning"))  # the server's own settings
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -154,10 +156,18 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(plumbing: tuple[str, 
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 
-def test_headers_past_the_limit_are_431(plumbing: tuple[str, dict[str, int]]) -> None:
+def test_an_oversized_request_head_is_cut_off(plumbing: tuple[str, dict[str, int]]) -> None:
+    """Headers past the limit are refused before they are buffered (the connection is closed); the server goes on."""
     url, _ = plumbing
-    r = httpx.post(f"{url}/echo", json={}, headers={f"x-pad-{i}": "v" * 1000 for i in range(MAX_HEADER_BYTES // 1000)})
-    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent = 0
+        with contextlib.suppress(OSError):  # the server closes the connection while we are still sending
+            while sent < 64 * MAX_HEADER_BYTES:
+                conn.sendall(b"a" * 65536)
+                sent += 65536
+        assert sent < 64 * MAX_HEADER_BYTES or conn.recv(100).startswith(b"HTTP/1.1 400")
     assert httpx.post(f"{url}/echo", json={"ok": True}).status_code == 200
 
 
