@@ -222,13 +222,13 @@ async def run_choices(generate: Generate, engine: Engine, plan: ChatPlan, prompt
             async for out in outputs:
                 for c in out.choices:
                     i = c.index
-                    used[i] += len(c.token_ids)
+                    used[i] += c.num_tokens
                     if n == 1:
                         context += c.token_ids
                     parsed = parsers[i].feed(c.text)
                     if c.finish_reason is not None:
                         last_reason, stop_reason = c.finish_reason, c.stop_reason
-                    yield Piece(index + i, parsed, len(c.token_ids), c.logprobs or [])
+                    yield Piece(index + i, parsed, c.num_tokens, c.logprobs or [])
         finish = "length" if last_reason == "length" else "stop"
         if segment.stop_at and stop_reason == segment.stop_at:
             # vLLM cuts the stop string from the text (its tokens are in the context already)

@@ -53,6 +53,16 @@ class ServerConfig:
             raise ValueError("--threads must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError(f"--max-model-len {self.max_model_len} is too small (at least 16)")
+        # argparse checks `choices` for flags but not for defaults taken from the environment
+        for flag, value, allowed in (("engine", self.engine, ENGINES), ("gguf-quant", self.gguf_quant, QUANTS),
+                                     ("tool-format", self.tool_format, (None, *TOOL_FORMATS)),
+                                     ("reasoning-format", self.reasoning_format, (None, *REASONING_FORMATS)),
+                                     ("dtype", self.dtype, (None, "bfloat16", "float16", "float32")),
+                                     ("log-level", self.log_level, ("debug", "info", "warning", "error"))):
+            if value not in allowed:
+                env = "CASCADE_" + flag.upper().replace("-", "_")
+                raise ValueError(f"--{flag} {value!r} (or {env}) is not one of "
+                                 f"{', '.join(a for a in allowed if a)}")
 
 
 def _env(name: str, default: str | None = None) -> str | None:

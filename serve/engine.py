@@ -64,6 +64,11 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or token id that ended it; None for EOS
+    num_tokens: int = -1  # tokens this delta stands for: len(token_ids) unless the engine counts exactly otherwise
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0:
+            self.num_tokens = len(self.token_ids)
 
 
 @dataclass

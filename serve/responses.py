@@ -187,13 +187,13 @@ class ChoiceState:
     """Everything one choice has produced so far (non-streaming responses and usage counts)."""
 
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
     def add(self, c: ChoiceDelta) -> None:
         self.text += c.text
-        self.token_ids += c.token_ids
+        self.num_tokens += c.num_tokens
         self.logprobs += c.logprobs or []
         if c.finish_reason is not None:
             self.finish_reason = engine_finish_reason(c.finish_reason)
@@ -231,7 +231,7 @@ async def completion_full(streams: list[AsyncIterator[EngineOutput]], shape: Com
                     echo = echo_logprobs(shape.prompt_ids[i], prompt_lp[i], shape.decode)
                     lp = {k: echo[k] + lp[k] for k in lp}
             choices.append(completion_choice(i * req.n + j, prefix + s.text, lp, s.finish_reason))
-    completion_tokens = sum(len(s.token_ids) for per_prompt in states for s in per_prompt)
+    completion_tokens = sum(s.num_tokens for per_prompt in states for s in per_prompt)
     num_prompt = sum(len(ids) for ids in shape.prompt_ids)
     return JSONResponse(shape.head | {"object": "text_completion", "choices": choices, "system_fingerprint": None,
                                       "usage": usage(num_prompt, completion_tokens)})
@@ -252,7 +252,7 @@ async def completion_stream(streams: list[AsyncIterator[EngineOutput]], shape: C
     num_completion = 0
     async for i, out in merge(streams):
         for c in out.choices:
-            num_completion += len(c.token_ids)
+            num_completion += c.num_tokens
             if not c.text and c.finish_reason is None:
                 continue
             lp = None

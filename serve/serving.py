@@ -90,7 +90,7 @@ async def tracked(engine: Engine, metrics: ServerMetrics, route: str, prompt_ids
     finished = failed = False
     try:
         async for out in engine.generate(prompt_ids, params, request_id):
-            new_tokens = sum(len(c.token_ids) for c in out.choices)
+            new_tokens = sum(c.num_tokens for c in out.choices)
             if state == "waiting" and new_tokens:
                 metrics.ttft.labels(route).observe(time.perf_counter() - start)
                 metrics.waiting.dec()

@@ -21,7 +21,9 @@ def test_help_lists_every_flag() -> None:
     out = run("--help")
     assert out.returncode == 0
     for flag in ("--model", "--host", "--port", "--api-key", "--max-pending-requests", "--max-model-len", "--dtype",
-                 "--enforce-eager", "--allow-pickle", "CASCADE_API_KEY"):
+                 "--enforce-eager", "--allow-pickle", "CASCADE_API_KEY", "--engine", "--kv-cache-gib",
+                 "--draft-model", "--num-draft-tokens", "--restart-engine", "--gguf-quant", "--threads",
+                 "--no-prefix-cache", "CASCADE_ENGINE"):
         assert flag in out.stdout, flag
 
 
@@ -31,6 +33,10 @@ def test_help_lists_every_flag() -> None:
     (["--port", "eighty"], None, "invalid int value"),
     ([], {"CASCADE_PORT": "eighty"}, "invalid int value"),
     (["--api-key", " "], None, "--api-key must not be empty"),
+    (["--engine", "tgi"], None, "invalid choice: 'tgi'"),
+    (["--kv-cache-gib", "-1"], None, "must be a positive number of GiB"),
+    (["--num-draft-tokens", "0"], None, "must be between 1 and 16"),
+    ([], {"CASCADE_ENGINE": "tgi"}, "--engine 'tgi' (or CASCADE_ENGINE) is not one of auto, vllm, llamacpp"),
 ])
 def test_bad_flags(args: list[str], env: dict[str, str] | None, needle: str) -> None:
     out = run(*args, env=env)

@@ -58,11 +58,13 @@ def test_llamacpp_refuses_a_context_past_the_sliding_window(tiny_mistral: ModelS
                    "without its sliding window of 512 tokens")
 
 
-def test_the_server_needs_no_environment_from_the_makefile(smollm2: ModelSpec) -> None:
-    """`python -m serve` run directly: no VLLM_CPU_KVCACHE_SPACE anywhere, yet the KV cache is sized from the model
-    (and a legacy VLLM_CPU_KVCACHE_SPACE cannot override --kv-cache-gib)."""
+@pytest.mark.server
+def test_the_kv_cache_is_sized_by_the_server(tiny_server: RunningServer) -> None:
+    """`python -m serve` needs no environment from the Makefile: nothing sets VLLM_CPU_KVCACHE_SPACE, and vLLM gets
+    an explicit KV cache from us (0.25 GiB for tiny-mistral) instead of reserving most of the machine's memory."""
     assert "VLLM_CPU_KVCACHE_SPACE" not in (REPO / "Makefile").read_text()
     assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    assert "Explicitly set (0.25/" in tiny_server.log_path.read_text(errors="replace")
 
 
 @pytest.mark.server
