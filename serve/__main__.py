@@ -13,7 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from serve.startup import run
 
-    return run(config)
+    try:
+        return run(config)
+    except KeyboardInterrupt:  # Ctrl-C before the server was up (during a first compile, say): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # vLLM spawns worker processes that re-import the entry module

@@ -342,8 +342,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         xs = [r["concurrency"] for r in group]
         left.plot(xs, [r["output_throughput"] for r in group], style, marker="o", label=name)
         right.plot(xs, [r["median_ttft_ms"] for r in group], style, marker="o", label=name)
+    levels = sorted({r["concurrency"] for r in rows})
     for ax, title, ylabel in ((left, "Output throughput", "tokens/s"), (right, "Time to first token (p50)", "ms")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(ylabel)
         ax.set_title(title)

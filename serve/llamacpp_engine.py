@@ -98,7 +98,7 @@ class LlamaCppEngine:
                  f" with drafter {self.settings.draft_gguf}" if self.settings.draft_gguf else "")
         try:
             self._server = await asyncio.to_thread(xllamacpp.Server, params)
-        except RuntimeError as e:
+        except Exception as e:  # xllamacpp raises RuntimeError; any failure is a failed start
             with contextlib.suppress(Exception):
                 await tokenizer
             raise EngineStartError(f"llama.cpp could not load {self.settings.gguf} ({e}); the log above says why") \
