@@ -15,6 +15,7 @@ retrained student is exported again and an unchanged one is reused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -37,7 +38,9 @@ class GGUFExportError(ValueError):
 
 
 def gguf_dir(spec: ModelSpec, quant: str) -> Path:
-    return cascade_home() / "gguf" / spec.name / quant
+    """Keyed by name and checkpoint location: two local checkpoints both named `final` do not evict each other."""
+    where = hashlib.sha256(str(spec.checkpoint_dir.resolve()).encode()).hexdigest()[:8]
+    return cascade_home() / "gguf" / f"{spec.name}-{where}" / quant
 
 
 def export_gguf(spec: ModelSpec, quant: str = "q8_0", force: bool = False, progress: bool = True) -> Path:

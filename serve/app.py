@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -62,7 +63,8 @@ def create_app(engine: Engine, settings: AppSettings, supervisor: EngineSupervis
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        text = metrics.render(engine.spec_decode_stats()) + engine.metrics_text()
+        # in a thread: llama.cpp's metrics handler waits for its loop to finish the current decode step
+        text = await asyncio.to_thread(lambda: metrics.render(engine.spec_decode_stats()) + engine.metrics_text())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict[str, Any]:

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=_env("PORT", "8000"),
                    help="TCP port [CASCADE_PORT] (default: %(default)s)")
     p.add_argument("--api-key", default=_env("API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes [CASCADE_API_KEY] (default: off)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /metrics [CASCADE_API_KEY] "
+                        "(default: off)")
     p.add_argument("--max-pending-requests", type=int, default=_env("MAX_PENDING_REQUESTS", "128"),
                    help="requests in flight before new ones get 429 [CASCADE_MAX_PENDING_REQUESTS] "
                         "(default: %(default)s)")

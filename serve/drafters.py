@@ -54,8 +54,17 @@ def _records_path() -> Path:
 
 
 def load_speedups() -> dict[str, dict[str, Any]]:
+    """The recorded measurements; an unreadable file is as good as none (it only feeds a warning)."""
     path = _records_path()
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        records = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s: %s", path, e)
+        return {}
+    if not isinstance(records, dict):
+        return {}
+    return {k: v for k, v in records.items() if isinstance(v, dict) and isinstance(v.get("speedup"), (int, float))
+            and isinstance(v.get("acceptance_rate"), (int, float)) and isinstance(v.get("measured"), str)}
 
 
 def _key(target: str, drafter: str, engine: str, num_draft_tokens: int) -> str:

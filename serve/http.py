@@ -193,11 +193,16 @@ class Admission:
         self.in_flight = 0
         self.metrics = metrics
 
-    def acquire(self, count: int = 1) -> None:
-        """Take one slot per engine request (a completions batch of k prompts takes k)."""
+    def check_size(self, count: int, param: str = "prompt") -> None:
+        """A request needing more engine requests than the server ever admits is a 400: call it before doing any
+        per-prompt work, so a million-prompt body costs nothing."""
         if count > self.limit:
-            raise APIError(400, f"{count} prompts in one request exceed the server's limit of {self.limit}",
-                           param="prompt", code="too_many_prompts")
+            raise APIError(400, f"{count} engine requests in one request exceed the server's limit of {self.limit}",
+                           param=param, code="too_many_prompts")
+
+    def acquire(self, count: int = 1, param: str = "prompt") -> None:
+        """Take one slot per engine request (a completions batch of k prompts takes k)."""
+        self.check_size(count, param)
         if self.in_flight + count > self.limit:
             self.metrics.rejected.inc()
             raise APIError(429, f"server is at its limit of {self.limit} requests in flight; retry shortly",
@@ -288,7 +293,8 @@ class GatewayMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics) -> None:
         self.app = app
-        self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+        # stripped like the token a client sends: a key read from a file with its newline still matches
+        self.key_digest = hashlib.sha256(api_key.strip().encode()).digest() if api_key else None
         self.metrics = metrics
 
     def _authorized(self, scope: Scope) -> bool:

@@ -210,16 +210,24 @@ class LlamaCppEngine:
         choices = [_ChoiceState(i, params, self.tokenizer.encode_piece) for i in range(params.n)]
 
         def on_chunk(raw: str) -> bool:  # llama.cpp's thread; returning True ends the request there
-            loop.call_soon_threadsafe(queue.put_nowait, json.loads(raw))
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, json.loads(raw))
+            except RuntimeError:  # the event loop has closed (shutdown with this request in flight)
+                return True
             return stop.is_set()
+
+        def hand_over(item: BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop has closed
+                loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def run() -> None:
             try:
-                server.handle_completions(body, on_chunk)
+                if not stop.is_set():  # a client that left while this waited for a thread costs no prefill
+                    server.handle_completions(body, on_chunk)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, e)
+                hand_over(e)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+                hand_over(None)
 
         loop.run_in_executor(self._executor, run)
         num_prompt = len(prompt_token_ids)
@@ -311,6 +319,9 @@ class _ChoiceState:
         out, hit = self._match_stops(text)
         if hit is not None:
             stopped = hit
+        elif stopped is not None:  # a stop token: text held for a partial stop string is output after all
+            out += self.held
+            self.held = ""
         logprobs = _logprobs(entries, self.params.logprobs) if self.params.logprobs is not None else None
         if stopped is not None:
             self.finished = True
@@ -335,8 +346,9 @@ class _ChoiceState:
             i, s = min(hits)
             self.held = ""
             return buf[: i + len(s)] if self.params.include_stop_str_in_output else buf[:i], s
-        keep = max((n for s in stops for n in range(min(len(s) - 1, len(buf)), 0, -1) if buf.endswith(s[:n])),
-                   default=0)
+        # the longest tail of the text that starts a stop string is held back (longest first: one hit per string)
+        keep = max((next((n for n in range(min(len(s) - 1, len(buf)), 0, -1) if buf.endswith(s[:n])), 0)
+                    for s in stops), default=0)
         self.held = buf[len(buf) - keep:] if keep else ""
         return buf[: len(buf) - keep], None
 

@@ -9,6 +9,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 MAX_N = 16
 MAX_STOP = 16
+MAX_STOP_CHARS = 1024  # per stop string: matching a partial stop across tokens costs its length per token
+MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 
@@ -163,6 +165,15 @@ class NamedToolChoice(BaseModel):
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
 
 
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
+def _as_list(v: object) -> object:
+    if v is not None and not isinstance(v, (str, list)):
+        raise ValueError("must be a string or a list of strings")
+    return [v] if isinstance(v, str) else v
+
+
 class SamplingFields(_Request):
     model: str
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
@@ -170,8 +181,9 @@ class SamplingFields(_Request):
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    # one string or a list; kept as a list so a bad entry is named (`stop.0`) whichever was sent
+    stop: Annotated[list[StopString], Field(max_length=MAX_STOP), BeforeValidator(_as_list)] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -198,8 +210,8 @@ class SamplingFields(_Request):
 
     @field_validator("stop")
     @classmethod
-    def _no_empty_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if v is not None and any(s == "" for s in ([v] if isinstance(v, str) else v)):
+    def _no_empty_stop(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(s == "" for s in v):
             raise ValueError("stop strings must not be empty")
         return v
 
@@ -210,9 +222,7 @@ class SamplingFields(_Request):
         return self
 
     def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return tuple(self.stop or ())
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -65,6 +65,9 @@ async def render_chat(ctx: RouteContext, req: ChatCompletionRequest) -> list[int
     """The prompt's token ids, rendered in the bounded pool; a conversation the template refuses is a 400."""
     engine = ctx.engine
     check_text_length(engine, req.text_length(), "messages")
+    if len(req.messages) > engine.max_model_len:  # each renders to a token at least: empty ones are not free
+        raise APIError(400, f"messages: {len(req.messages)} messages cannot fit this model's context of "
+                            f"{engine.max_model_len} tokens", param="messages", code="context_length_exceeded")
     try:
         return await ctx.pool.run(render_prompt, engine.spec, engine.tokenizer, req)
     except ChatTemplateError as e:
@@ -77,6 +80,9 @@ async def serve_chat(ctx: RouteContext, body: dict) -> Response:
     check_model(engine, req.model)
     check_running(engine)
     plan = make_plan(req, engine.spec)
+    # plans that continue run one engine request per choice: each takes an admission slot
+    slots = req.n if plan.multi_segment and req.n > 1 else 1
+    ctx.admission.check_size(slots, "n")
     prompt_ids = await render_chat(ctx, req)
     max_tokens = budget_tokens(engine, len(prompt_ids), req.requested_max_tokens(), "messages")
     params = generation_params(engine, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
@@ -101,14 +107,14 @@ async def serve_chat(ctx: RouteContext, body: dict) -> Response:
     shape = ChatShape(plan=plan, head={"id": rid, "created": int(time.time()), "model": engine.model_name},
                       n=req.n, num_prompt=len(prompt_ids), logprobs=req.logprobs,
                       reasoning_content=ctx.reasoning_content)
-    ctx.admission.acquire()  # a 429 goes out before any response starts
+    ctx.admission.acquire(slots, "n")  # a 429 goes out before any response starts
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await stream_response(ctx.admission.release_after(chat_stream(pieces, shape, include_usage)))
+        return await stream_response(ctx.admission.release_after(chat_stream(pieces, shape, include_usage), slots))
     try:
         return await chat_full(pieces, shape)
     finally:
-        ctx.admission.release()
+        ctx.admission.release(slots)
 
 
 async def serve_completions(ctx: RouteContext, body: dict) -> Response:
@@ -117,6 +123,7 @@ async def serve_completions(ctx: RouteContext, body: dict) -> Response:
     check_model(engine, req.model)
     check_running(engine)
     prompts = req.prompts()
+    ctx.admission.check_size(len(prompts))
     if isinstance(prompts[0], str):
         for p in prompts:
             check_text_length(engine, len(p), "prompt")  # type: ignore[arg-type]

@@ -67,6 +67,7 @@ def generation_params(engine: Engine, req: SamplingFields, max_tokens: int, logp
                       prompt_logprobs: int | None = None) -> GenerationParams:
     bias = req.logit_bias_items()
     check_token_ids(engine, [t for t, _ in bias], "logit_bias")
+    check_token_ids(engine, list(req.stop_token_ids or ()), "stop_token_ids")
     params = GenerationParams(
         max_tokens=max_tokens, n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,

@@ -60,6 +60,12 @@ async def serve(engine: Engine, config: ServerConfig, sock: socket.socket) -> in
         print(f"error: {e}", file=sys.stderr)
         engine.shutdown()
         return 1
+    except Exception as e:  # an unforeseen failure after the engine came up (its tokenizer, say): still one line
+        log.debug("engine start failed", exc_info=True)
+        print(f"error: the {config.engine} engine failed to start: {type(e).__name__}: {e} (--log-level debug "
+              "shows the traceback)", file=sys.stderr)
+        engine.shutdown()
+        return 1
     exit_code = 0
     server: uvicorn.Server | None = None
 
@@ -143,7 +149,10 @@ def _llamacpp_engine(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec |
         draft_gguf = export_gguf(drafter, config.gguf_quant) if drafter else None
     except GGUFExportError as e:
         raise StartupError(f"{spec.name} cannot run on llama.cpp: {e}") from None
-    tokens = kv_bytes // kv_bytes_per_token(spec, 2)  # llama.cpp keeps K and V in f16
+    except OSError as e:  # a full disk, an unreadable checkpoint
+        raise StartupError(f"could not export {spec.name} to GGUF: {e}") from None
+    # llama.cpp keeps K and V in f16; a drafter keeps its own cache of as many tokens
+    tokens = kv_bytes // (kv_bytes_per_token(spec, 2) + (kv_bytes_per_token(drafter, 2) if drafter else 0))
     return LlamaCppEngine(spec, LlamaCppSettings(
         gguf=gguf, max_model_len=max_model_len, kv_cache_tokens=max(tokens, max_model_len),
         parallel=config.max_num_seqs or 32, threads=config.threads or default_threads(), draft_gguf=draft_gguf,

@@ -60,8 +60,8 @@ class EngineSupervisor:
         while True:
             log.warning("the %s engine died; restarting it (attempt after %d restarts)", self.engine.name,
                         self.restarts)
-            with contextlib.suppress(Exception):
-                self.engine.shutdown()  # release what is left of the dead engine
+            with contextlib.suppress(Exception):  # release what is left of the dead engine, off the event loop
+                await asyncio.to_thread(self.engine.shutdown)
             started = time.monotonic()
             try:
                 await self.engine.start()

@@ -252,6 +252,10 @@ def _configure_environment(settings: VLLMSettings) -> None:
 
     if current_platform.is_cpu() and settings.worker_in_engine_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # Spawned, not forked (vLLM's CPU platform forces this; its own CLI does on GPUs): a forked engine core would
+    # inherit "plugins loaded" and skip serve/vllm_plugin.py's parent watch, and could inherit a lock held by the
+    # tokenizer thread that runs while the engine starts.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 def _root_cause(e: BaseException) -> str:

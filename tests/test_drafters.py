@@ -76,3 +76,23 @@ def test_what_speculation_cannot_honour_is_a_400(drafted: RunningServer) -> None
             assert r.status_code == 400, (extra, r.text)
             assert r.json()["error"]["param"] == param
     assert complete(drafted).status_code == 200
+
+
+def test_speed_up_records_feed_the_start_up_warning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The benchmark's measurement warns a later start whose drafter was slower; a damaged record file is ignored."""
+    from serve import drafters
+
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path))
+    drafters.record_speedup("t", "d", "vllm", 3, 0.4, 0.2)
+    drafters.record_speedup("t", "d", "llamacpp", 3, 1.3, 0.6)
+    with caplog.at_level("INFO", logger="serve.drafters"):
+        drafters.warn_if_slower("t", "d", "vllm", 3)
+        drafters.warn_if_slower("t", "d", "llamacpp", 3)
+        drafters.warn_if_slower("t", "d", "vllm", 5)  # another drafted-token count: not measured
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "0.40x" in warned[0].getMessage()
+    assert "no measured speed-up" in caplog.records[-1].getMessage()
+    (tmp_path / "bench" / "drafters.json").write_text('{"t|d|vllm|k=3": {"speedup": "fast"}, "x": ')
+    assert drafters.load_speedups() == {}
+    drafters.warn_if_slower("t", "d", "vllm", 3)  # no traceback

@@ -210,3 +210,14 @@ def test_large_bodies_parse_off_the_event_loop(plumbing: tuple[str, dict[str, in
     big = {"prompt": "x" * (1 << 20)}
     r = httpx.post(f"{url}/echo", content=json.dumps(big), headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 200 and len(r.json()["prompt"]) == 1 << 20
+
+
+def test_api_key_check() -> None:
+    gate = GatewayMiddleware(FastAPI(), api_key="s3cret\n", metrics=ServerMetrics())  # read from a file
+
+    def allowed(header: bytes | None) -> bool:
+        return gate._authorized({"headers": [(b"authorization", header)] if header is not None else []})
+
+    assert allowed(b"Bearer s3cret") and allowed(b"bearer  s3cret ")
+    assert not allowed(b"Bearer s3cre") and not allowed(b"Basic s3cret") and not allowed(b"s3cret")
+    assert not allowed(b"Bearer ") and not allowed(None)

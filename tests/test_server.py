@@ -157,6 +157,20 @@ def test_stop_string(client: openai.OpenAI) -> None:
     assert stopped.choices[0].finish_reason == "stop"
 
 
+def test_stop_token_ids(client: openai.OpenAI, tokenizer) -> None:
+    """A stop token ends the choice and is not shown (vLLM's rule), while a held partial stop string is."""
+    base = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=12, temperature=0)
+    text = base.choices[0].text
+    ids = tokenizer.encode(text)
+    stop_id = ids[3]
+    expected = tokenizer.decode(ids[: ids.index(stop_id)])
+    assert expected and expected == text[: len(expected)]
+    stopped = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=12, temperature=0,
+                                        extra_body={"stop_token_ids": [stop_id]}, stop=[expected[-1] + "@@"])
+    assert stopped.choices[0].text == expected
+    assert stopped.choices[0].finish_reason == "stop"
+
+
 def test_sampling_parameters_accepted(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL, messages=FRANCE, temperature=0.7, top_p=0.9, max_tokens=8, presence_penalty=0.5,
@@ -264,6 +278,9 @@ BAD_BODIES = [
     ({"model": MODEL, "messages": FRANCE, "logit_bias": {"not-an-id": 5}}, "logit_bias"),
     ({"model": MODEL, "messages": FRANCE, "logit_bias": {"999999": 5}}, "logit_bias"),
     ({"model": MODEL, "messages": FRANCE, "logit_bias": {"5": 500}}, "logit_bias"),
+    # a thinking budget runs one engine request per choice: 9 choices exceed the server's 8 slots
+    ({"model": MODEL, "messages": FRANCE, "n": 9, "max_reasoning_tokens": 4}, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": ""}] * 100_000}, "messages"),  # cost no characters
 ]
 
 
@@ -284,9 +301,12 @@ def test_bad_chat_requests_are_400(server: RunningServer, body: object, param: s
     ({"model": MODEL, "prompt": "hi", "logprobs": 50}, "logprobs"),
     ({"model": MODEL, "prompt": "hi", "suffix": "x"}, "suffix"),
     ({"model": MODEL, "prompt": ["hi"] * 9}, "prompt"),  # more prompts than the server's 8 slots
+    ({"model": MODEL, "prompt": ["a"] * 500_000}, "prompt"),  # refused before any prompt is tokenized
     ({"model": MODEL, "prompt": [1, 10**6], "stream": True}, "prompt"),  # not 200 + an error event
     ({"model": MODEL, "prompt": "x" * 3_000_000}, "prompt"),  # cannot fit the context: refused untokenized
     ({"model": MODEL, "prompt": "hi", "stop": "\ud800"}, "stop"),
+    ({"model": MODEL, "prompt": "hi", "stop": ["x" * 5000]}, "stop.0"),
+    ({"model": MODEL, "prompt": "hi", "stop_token_ids": [10**6]}, "stop_token_ids"),
 ])
 def test_bad_completion_requests_are_400(server: RunningServer, body: object, param: str) -> None:
     r = post(server, "/v1/completions", body)
