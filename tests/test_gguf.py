@@ -110,7 +110,8 @@ def test_export_cli(tiny_mistral: ModelSpec) -> None:
     out = subprocess.run([sys.executable, "-m", "models", "export-gguf", "tiny-mistral", "--quant", "q4_1"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert Path(out.stdout.strip()).is_file() and out.stdout.strip().endswith("tiny-mistral/q4_1/model.gguf")
+    assert Path(out.stdout.strip()) == gguf_dir(tiny_mistral, "q4_1") / "model.gguf"
+    assert Path(out.stdout.strip()).is_file()
     bad = subprocess.run([sys.executable, "-m", "models", "export-gguf", "no-such-model"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown model" in bad.stderr and "Traceback" not in bad.stderr
