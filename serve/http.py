@@ -197,8 +197,9 @@ class Admission:
         """A request needing more engine requests than the server ever admits is a 400: call it before doing any
         per-prompt work, so a million-prompt body costs nothing."""
         if count > self.limit:
-            raise APIError(400, f"{count} engine requests in one request exceed the server's limit of {self.limit}",
-                           param=param, code="too_many_prompts")
+            what = f"{count} prompts" if param == "prompt" else f"{param}={count} (one engine request per choice here)"
+            raise APIError(400, f"{what} exceed the server's limit of {self.limit} requests in flight", param=param,
+                           code="too_many_prompts")
 
     def acquire(self, count: int = 1, param: str = "prompt") -> None:
         """Take one slot per engine request (a completions batch of k prompts takes k)."""
