@@ -13,17 +13,6 @@ import sys
 from pathlib import Path
 
 
-def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
 def _parse_dims(items: list[str]) -> dict[str, int]:
     dims = {}
     for item in items:
@@ -73,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from distill.answers import AnswerSettings, EndpointError, answer_with_teacher, write_answers
     from distill.cascade import RecipeError, load_recipe, parse_count, plan_recipe, run_recipe
+    from distill.common import close_distributed, init_distributed
+    from distill.config import TrainConfig
     from distill.data import DataError
     from distill.losses import VocabMismatchError
     from distill.model_io import UnsupportedModelError, load_config
     from distill.plan import Architecture, PlanError, plan_architecture
-    from distill.train import TrainConfig, Trainer, TrainingDivergedError
+    from distill.train import Trainer, TrainingDivergedError
     from models.prepare import prepare
     from models.registry import get_model
 
@@ -105,13 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                 for i, p in enumerate(plans, 1):
                     print(f"  stage {i} {p.stage.name}: {p.target.describe()}, {p.stage.tokens:,} tokens")
                 return 0
-            _init_distributed()
+            init_distributed()
             run_recipe(recipe, args.runs)
             return 0
         if not args.config.is_file():
             raise RecipeError(f"config {args.config} does not exist")
         config = TrainConfig.model_validate(yaml.safe_load(args.config.read_text()))
-        _init_distributed()
+        init_distributed()
         final = Trainer(config).train(resume=args.resume)
         print(" ".join(f"{k}={v:.4f}" for k, v in final.items()))
         return 0
@@ -127,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def answer_with_teacher(prompts_path: Path, out: Path, teacher: str, settings: A
     """Start our server for `teacher` on a free local port, answer, stop it."""
     from models.prepare import prepare
     from models.registry import get_model
-    from serve.launch import start_server
+    from serve.launch import ServerStartError, served
 
     read_prompts(prompts_path)  # bad input fails before a server starts
     prepare(get_model(teacher))
@@ -156,11 +156,8 @@ def answer_with_teacher(prompts_path: Path, out: Path, teacher: str, settings: A
     args = ["--max-pending-requests", str(max(128, settings.concurrency)), *(server_args or [])]
     print(f"answers: starting the server for {teacher} (log: {log_path})", file=sys.stderr)
     try:
-        server = start_server(teacher, args, log_path)
-    except RuntimeError as e:
+        with served(teacher, args, log_path) as server:
+            return write_answers(prompts_path, out, server.url, None, settings, progress)
+    except ServerStartError as e:
         last = str(e).strip().splitlines()[-1:]
         raise EndpointError(f"the server for {teacher} did not start ({' '.join(last)}); log: {log_path}") from e
-    try:
-        return write_answers(prompts_path, out, server.url, None, settings, progress)
-    finally:
-        server.stop()

@@ -33,12 +33,15 @@ from distill.cascade import (
     prune_checkpoint,
     pruned_marker,
     run_recipe,
+    train_config,
 )
+from distill.components.checkpointer import CheckpointMismatchError
+from distill.components.metrics import read_metrics
 from distill.losses import LossConfig
 from distill.model_io import load_config
 from distill.plan import Architecture, Axis, FfnScore, LayerScore, PlanError, TiedEmbeddings, plan_architecture
 from distill.plots import plot_curves
-from distill.train import CheckpointMismatchError, TrainConfig, Trainer, read_metrics
+from distill.train import Trainer
 from models.checkpoint import is_prepared
 from models.registry import cascade_home
 
@@ -51,13 +54,8 @@ def _train(recipe: Recipe, out: Path, student: Path, teacher: Path | None, eval_
            seed: int, random_init: bool = False, lr_scale: float = 1.0) -> list[dict]:
     loss = recipe.train.loss if teacher is not None else LossConfig(kd_weight=0, ce_weight=1)
     optim = recipe.train.optim.model_copy(update={"lr": recipe.train.optim.lr * lr_scale})
-    config = TrainConfig(
-        student=str(student), teacher=str(teacher) if teacher else None, eval_teacher=str(eval_teacher),
-        out_dir=str(out), data=recipe.data, loss=loss, optim=optim, tokens=tokens,
-        batch_size=recipe.train.batch_size, grad_accum=recipe.train.grad_accum, eval_every=recipe.train.eval_every,
-        checkpoint_every=recipe.train.checkpoint_every, precision=recipe.train.precision, random_init=random_init,
-        seed=seed,
-    )
+    config = train_config(recipe.train, student=student, teacher=teacher, eval_teacher=eval_teacher, out_dir=out,
+                          data=recipe.data, loss=loss, optim=optim, tokens=tokens, random_init=random_init, seed=seed)
     trainer = Trainer(config)
     try:
         trainer.train(resume=True)
@@ -92,9 +90,8 @@ def _zero_shot(recipe: Recipe, student: Path, parent_dir: Path, out: Path, start
     cached = json.loads(cache.read_text()) if cache.is_file() else {}
     if cached.get("key") == key:
         return cached["metrics"]
-    config = TrainConfig(student=str(student), eval_teacher=str(parent_dir), out_dir=str(out), data=recipe.data,
-                         tokens=1, batch_size=recipe.train.batch_size, precision=recipe.train.precision,
-                         seed=recipe.seed)
+    config = train_config(recipe.train, student=student, eval_teacher=parent_dir, out_dir=out, data=recipe.data,
+                          tokens=1, seed=recipe.seed)
     result = Trainer(config, progress=False).evaluate()
     cache.write_text(json.dumps({"key": key, "metrics": result}))
     return result

@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distill.calibrate import STATS_FILE, collect_importance, load_importance, save_importance
+from distill.common import barrier, is_rank0
+from distill.components.lr_scheduler import OptimConfig
+from distill.components.metrics import read_metrics
+from distill.config import RESUMABLE_FIELDS, TrainConfig, TrainSettings
 from distill.data import DataConfig, build_tokens
-from distill.losses import LossConfig
 from distill.model_io import load_config, load_model, model_from_state, plain_state, save_model
 from distill.plan import (
     Architecture,
@@ -38,7 +40,7 @@ from distill.plan import (
     plan_architecture,
     prune_to,
 )
-from distill.train import RESUMABLE_FIELDS, OptimConfig, TrainConfig, Trainer, read_metrics
+from distill.train import Trainer
 from models.checkpoint import is_prepared, weights_state
 from models.registry import REGISTRY, ModelSpec, cascade_home, get_model, register_model
 
@@ -90,17 +92,6 @@ class Stage(BaseModel):
     @classmethod
     def _tokens(cls, value: int | str) -> int:
         return parse_count(value)
-
-
-class TrainSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    eval_every: int = Field(20, ge=1)
-    checkpoint_every: int = Field(20, ge=1)
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
 
 
 class Recipe(BaseModel):
@@ -173,20 +164,11 @@ def plan_recipe(recipe: Recipe) -> tuple[ModelSpec, list[StagePlan]]:
     return parent, plans
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) -> list[dict]:
     parent_spec, plans = plan_recipe(recipe)
     parent_dir = parent_spec.checkpoint_dir
     runs = runs or cascade_home() / "runs" / recipe.name
-    if _rank0():
+    if is_rank0():
         print(f"cascade {recipe.name}: parent {parent_spec.name}: {plans[0].source.describe()}")
         for i, plan in enumerate(plans, 1):
             print(f"  stage {i} {plan.stage.name}: {plan.target.describe()}, {plan.stage.tokens:,} tokens, "
@@ -201,7 +183,7 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
         # rebuilds it (and drops training checkpoints that started from the old pruned model) instead of reusing it.
         importance_stamp = importance_marker(source_dir, recipe)
         pruned_stamp = pruned_marker(importance_stamp, plan.target, recipe)
-        if _rank0():
+        if is_rank0():
             importance = stage_dir / "importance"
             if not is_prepared(importance, importance_stamp):
                 calibrate(source_dir, recipe, importance, progress, importance_stamp)
@@ -209,26 +191,21 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
                 prune_checkpoint(source_dir, load_importance(importance / STATS_FILE), plan.target, recipe, pruned_dir,
                                  pruned_stamp)
                 shutil.rmtree(stage_dir / "train", ignore_errors=True)
-        _barrier()
-        train = TrainConfig(
-            student=str(pruned_dir), teacher=str(teacher_dir), eval_teacher=str(parent_dir),
-            out_dir=str(stage_dir / "train"), data=recipe.data, tokens=stage.tokens,
-            batch_size=recipe.train.batch_size, grad_accum=recipe.train.grad_accum,
-            eval_every=recipe.train.eval_every, checkpoint_every=recipe.train.checkpoint_every,
-            precision=recipe.train.precision, loss=recipe.train.loss, optim=stage.optim or recipe.train.optim,
-            seed=recipe.seed + i,
-        )
+        barrier()
+        train = train_config(recipe.train, student=pruned_dir, teacher=teacher_dir, eval_teacher=parent_dir,
+                             out_dir=stage_dir / "train", data=recipe.data, tokens=stage.tokens, seed=recipe.seed + i,
+                             optim=stage.optim or recipe.train.optim)
         student_dir = cascade_home() / "models" / stage.name
         done = _finished_card(student_dir, recipe, i, plan, pruned_stamp, train)
         if done is not None:
-            if _rank0():
+            if is_rank0():
                 print(f"stage {i} {stage.name}: already done ({student_dir})")
             results.append(done)
             source_dir = student_dir
             continue
         trainer = Trainer(train, progress=progress)
         final = trainer.train(resume=True)
-        metrics = read_metrics(Path(train.out_dir) / "metrics.jsonl") if _rank0() else []
+        metrics = read_metrics(Path(train.out_dir) / "metrics.jsonl") if is_rank0() else []
         card = {
             "name": stage.name, "recipe": recipe.name, "stage": i, "parent": parent_spec.name,
             "initialised_from": str(source_dir), "teacher": str(teacher_dir),
@@ -239,7 +216,7 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
             "train_seconds": round(trainer.elapsed, 1), "start": pruned_stamp, "train_config": _settings(train),
         }
         trainer.export(student_dir, card)
-        if _rank0():
+        if is_rank0():
             (student_dir / "README.md").write_text(model_card(card))
             family = load_config(student_dir).model_type
             register_model(dataclasses.replace(
@@ -254,8 +231,14 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
                   f"{final.get('val_kl', float('nan')):.3f}; registered as {stage.name} ({student_dir})")
         results.append(card)
         source_dir = student_dir
-        _barrier()
+        barrier()
     return results
+
+
+def train_config(settings: TrainSettings, **run: object) -> TrainConfig:
+    """One run's config: a recipe's train settings plus the run's own fields (paths, data, budget, overrides)."""
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in run.items()}
+    return TrainConfig.model_validate({**dict(settings), **values})
 
 
 def _finished_card(student_dir: Path, recipe: Recipe, stage: int, plan: StagePlan, start: str,

@@ -242,3 +242,8 @@ class BatchSampler:
 
     def batch(self, step: int, micro: int, rank: int = 0) -> torch.Tensor:
         return self.rows[self.indices(step, micro, rank)]
+
+    def rows_read(self, steps: int) -> list[int]:
+        """Every row id the first `steps` steps read, on any rank (what an offline teacher must cover)."""
+        return sorted({int(i) for step in range(steps) for micro in range(self.grad_accum)
+                       for rank in range(self.world) for i in self.indices(step, micro, rank)})

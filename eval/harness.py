@@ -88,6 +88,7 @@ def check_endpoint(base_url: str, model: str, api_key: str | None) -> None:
 @contextlib.contextmanager
 def served(spec: ModelSpec, log_dir: Path, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
     """Start our server (`python -m serve`, the vLLM engine: lm-eval needs prompt log-probs) for a run."""
+    from serve.launch import ServerStartError
     from serve.launch import served as run_server
 
     model = spec.name if spec.name in all_models() else str(spec.checkpoint_dir)  # a directory has no name
@@ -97,10 +98,8 @@ def served(spec: ModelSpec, log_dir: Path, extra_args: tuple[str, ...] = ()) -> 
     try:
         with run_server(model, args, log_path) as server:
             yield server.url
-    except RuntimeError as e:
-        if "server exited" in str(e) or "not healthy" in str(e):
-            raise EvalError(f"the server for {spec.name} did not start; see {log_path}") from e
-        raise
+    except ServerStartError as e:
+        raise EvalError(f"the server for {spec.name} did not start; see {log_path}") from e
 
 
 def lm_eval_model(target: Target) -> tuple[str, dict[str, Any]]:

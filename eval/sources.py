@@ -1,4 +1,5 @@
-"""Task data from offline sources: BIG-bench and HumanEval come out of pinned PyPI packages, converted to JSONL.
+"""Task data from offline sources: generated tasks (eval/generated.py), and BIG-bench and HumanEval out of pinned PyPI
+packages, converted to JSONL.
 
 A task YAML names its data as `<source>/<file>.jsonl` relative to the data cache; `prepare_files` knows how to make
 each such file, so adding a BIG-bench task is writing its YAML (README.md, "Adding a suite").
@@ -54,13 +55,24 @@ def prepare_files(relpaths: Iterable[str]) -> dict[str, Path]:
             continue
         if rel == "humaneval/HumanEval.jsonl":
             _write_jsonl(wanted[rel], humaneval_problems())
+        elif rel.startswith("generated/"):
+            _write_jsonl(wanted[rel], generated_examples(Path(rel).name.removesuffix(".jsonl")))
         else:
-            raise SourceError(f"no source makes {rel!r}: known are bigbench/<task>.jsonl and humaneval/HumanEval.jsonl")
+            raise SourceError(f"no source makes {rel!r}: known are generated/<task>.jsonl, bigbench/<task>.jsonl and "
+                              "humaneval/HumanEval.jsonl")
     if bigbench:
         examples = bigbench_examples(set(bigbench.values()))
         for rel, task in bigbench.items():
             _write_jsonl(wanted[rel], convert_bigbench(task, examples[task]))
     return wanted
+
+
+def generated_examples(task: str) -> list[dict[str, Any]]:
+    from eval.generated import GENERATORS
+
+    if task not in GENERATORS:
+        raise SourceError(f"no generated task {task!r}; known: {', '.join(GENERATORS)}")
+    return GENERATORS[task]()
 
 
 def _bigbench_task_name(rel: str) -> str:
@@ -77,7 +89,12 @@ def _download(requirement: str, filename: str, sha256: str) -> Path:
 
 def bigbench_examples(tasks: set[str]) -> dict[str, list[dict[str, Any]]]:
     """The `examples` of the named BIG-bench tasks, read from the sdist without unpacking the other 1.7 GB."""
-    sdist = _download(*BIGBENCH)
+    try:
+        sdist = _download(*BIGBENCH)
+    except SourceError as e:
+        raise SourceError(f"BIG-bench tasks need the {BIGBENCH[0]} sdist, which your package index does not give "
+                          f"(PyPI now serves only 0.0.1, without task data); the `abilities` suite has generated "
+                          f"arithmetic, unit, navigation and counting tasks. ({str(e).splitlines()[0]})") from e
     log.info("reading %d BIG-bench task(s) from %s", len(tasks), sdist.name)
     found: dict[str, list[dict[str, Any]]] = {}
     with tarfile.open(sdist) as tar:

@@ -21,10 +21,14 @@ class Suite:
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in [
-        Suite("smoke", "BIG-bench 1-digit addition three ways (multiple choice, log-likelihood, generation); CI",
-              tasks=("bb_add1_mc", "bb_add1_loglik", "bb_add1_gen"), limit=24),
+        Suite("smoke", "1-digit addition three ways (multiple choice, log-likelihood, generation); CI",
+              tasks=("add1_mc", "add1_loglik", "add1_gen"), limit=24),
+        Suite("abilities", "generated tasks a small model can score on: arithmetic (addition, multiplication; "
+              "generation, choice, log-likelihood), SI unit conversion, navigation, counting",
+              tasks=("add1_gen", "add2_gen", "add2_mc", "add2_loglik", "mul2_mc", "si_units_mc", "navigate_mc",
+                     "count_objects_gen"), limit=100),
         Suite("bigbench", "BIG-bench tasks a small model can score on: arithmetic, unit conversion, logical "
-              "deduction, code description, navigation, counting",
+              "deduction, code description, navigation, counting (needs bigbench==1.0.0 from the package index)",
               tasks=("bb_add1_gen", "bb_add2_gen", "bb_add2_mc", "bb_add2_loglik", "bb_mul2_mc", "bb_si_conversion_mc",
                      "bb_logical_deduction3_mc", "bb_code_line_description_mc", "bb_navigate_mc",
                      "bb_object_counting_gen"), limit=100),
@@ -35,7 +39,7 @@ SUITES: dict[str, Suite] = {
               server_checks=("reasoning_format",)),
     ]
 }
-DEFAULT_SUITE = "bigbench"
+DEFAULT_SUITE = "abilities"
 
 
 class UnknownSuiteError(KeyError):

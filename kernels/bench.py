@@ -38,7 +38,8 @@ def _rss_mib(field: str) -> float:
 
 def measure_loss(variant: str, tokens: int, hidden: int, vocab: int, chunk: int, device: str) -> dict:
     """Forward + backward of one loss variant; peak memory above what the inputs hold."""
-    from distill.losses import LossConfig, distill_loss
+    from torch.utils.checkpoint import checkpoint
+
     from kernels.distill_loss import FusedLossConfig, distill_loss_reference, fused_linear_distill_loss
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -54,8 +55,14 @@ def measure_loss(variant: str, tokens: int, hidden: int, vocab: int, chunk: int,
         h.grad = w.grad = None
         if variant == "naive":
             loss = distill_loss_reference(h @ w.T, th @ tw.T, labels, FusedLossConfig())
-        elif variant == "chunked":
-            loss, _ = distill_loss(h, w, labels, LossConfig(chunk_tokens=chunk), th, tw)
+        elif variant == "chunked":  # the algorithm of distill/losses.py's unfused path (kernels import no distill)
+            def part(hs: torch.Tensor, ts: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    teacher = ts @ tw.T
+                return distill_loss_reference(hs @ w.T, teacher, ls, FusedLossConfig()) * len(ls)
+
+            loss = sum(checkpoint(part, h[i:i + chunk], th[i:i + chunk], labels[i:i + chunk], use_reentrant=False)
+                       for i in range(0, tokens, chunk)) / tokens
         else:
             backend = "triton" if variant == "fused-triton" else "torch"
             loss, _, _ = fused_linear_distill_loss(h, w, labels, FusedLossConfig(chunk_tokens=chunk),
@@ -312,8 +319,8 @@ def write_report(results: dict, out: Path) -> None:
         + ("`torch.cuda.max_memory_allocated` above the inputs." if results["device_type"] == "cuda" else
            "peak RSS (VmHWM, reset through `/proc/self/clear_refs`) above the RSS holding the inputs."), "",
         "- **naive**: full `[tokens x vocab]` student and teacher logits, log-softmaxes, autograd.",
-        "- **chunked**: `distill/losses.py` as the trainer used it before this kernel: chunks of tokens under "
-        "activation checkpointing (logits recomputed in the backward).",
+        "- **chunked**: the algorithm of `distill/losses.py`'s unfused path (the trainer's loss before this kernel): "
+        "chunks of tokens under activation checkpointing (logits recomputed in the backward).",
         "- **fused**: `kernels/distill_loss.py`: gradients made in the forward chunk by chunk, nothing recomputed "
         "(torch rows on CPU" + (", Triton rows as fused-triton" if results["device_type"] == "cuda" else "") + ").",
         "", "| tokens | variant | chunk | peak MiB | vs naive | seconds | vs naive | loss |",

@@ -33,7 +33,7 @@ import httpx
 from models.checkpoint import write_text_atomic
 from models.prepare import prepare
 from models.registry import DEFAULT_MODEL, ModelSpec, all_models, get_model
-from serve.launch import REPO, free_port, spawn, start_server, stop, wait_healthy
+from serve.launch import REPO, free_port, served, spawn, stop, wait_healthy
 
 PROMPTS = REPO / "serve" / "bench_prompts.jsonl"
 METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "mean_ttft_ms", "median_tpot_ms", "mean_tpot_ms",
@@ -82,11 +82,8 @@ def running(server: Server, s: Settings, log_name: str, env: dict[str, str] | No
                 "--gguf-quant", s.gguf_quant, "--threads", str(s.threads), *server.args]
         if server.drafter:
             args += ["--draft-model", server.drafter, "--num-draft-tokens", str(s.num_draft_tokens)]
-        process = start_server(s.spec.name, args, log_path, env=env)
-        try:
+        with served(s.spec.name, args, log_path, env=env) as process:
             yield process.url, process.started_s
-        finally:
-            process.stop()
         return
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -18,6 +18,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 
 
+class ServerStartError(RuntimeError):
+    """The server exited or never became healthy; the message ends with its log's tail."""
+
+
 @dataclass
 class ServerProcess:
     url: str  # http://127.0.0.1:PORT
@@ -74,14 +78,14 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeou
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_tail(log_path)}")
+            raise ServerStartError(f"server exited with {proc.returncode}:\n{log_tail(log_path)}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    raise RuntimeError(f"server at {url} not healthy after {timeout:.0f}s:\n{log_tail(log_path)}")
+    raise ServerStartError(f"server at {url} not healthy after {timeout:.0f}s:\n{log_tail(log_path)}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

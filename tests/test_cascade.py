@@ -12,12 +12,14 @@ import pytest
 import torch
 import yaml
 
-from distill.cascade import RecipeError, load_recipe, plan_recipe, run_recipe
+from distill.cascade import RecipeError, load_recipe, plan_recipe, run_recipe, train_config
+from distill.components.lr_scheduler import OptimConfig
+from distill.config import TrainConfig, TrainSettings
 from distill.data import BatchSampler, DataConfig, DataError, SourceConfig, build_tokens
 from distill.losses import LossConfig
 from distill.model_io import load_model
 from distill.plan import Architecture
-from distill.train import OptimConfig, TrainConfig, Trainer
+from distill.train import Trainer
 from models.registry import get_model
 from tests.distill_micro import write_corpus, write_micro_checkpoint
 
@@ -36,7 +38,7 @@ def parent(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                              data=DataConfig(sources=[SourceConfig(kind="files", paths=[str(corpus / "*.py")])],
                                              seq_len=32, val_sequences=8),
                              loss=LossConfig(kd_weight=0, ce_weight=1), optim=OptimConfig(lr=1e-2),
-                             eval_every=60, checkpoint_every=60, precision="float32")
+                             eval={"every": 60}, checkpoint={"every": 60}, precision="float32")
         trainer = Trainer(config, progress=False)
         trainer.train()
         model = trainer.export(base / "parent")
@@ -57,7 +59,7 @@ def _recipe(parent: dict[str, Path], **overrides: object) -> dict:
         "data": {"sources": [{"kind": "files", "paths": [str(parent["corpus"] / "*.py")]}], "seq_len": 32,
                  "val_sequences": 8},
         "calibration_sequences": 8,
-        "train": {"batch_size": 4, "eval_every": 5, "checkpoint_every": 5, "precision": "float32",
+        "train": {"batch_size": 4, "eval": {"every": 5}, "checkpoint": {"every": 5}, "precision": "float32",
                   "optim": {"lr": 5e-4}},  # Adam steps ~lr whatever the gradient: KLs here are ~0.01
         "stages": [
             {"name": "micro-cascade-a", "target": {"params": _params(parent, 0.6)}, "tokens": 32 * 4 * 15},
@@ -151,8 +153,28 @@ def test_shipped_recipes_are_valid(path):
     assert recipe.parent == "smollm2-135m-instruct" and recipe.stages
 
 
+def test_every_trainer_setting_is_reachable_from_a_recipe(parent, tmp_path):
+    """A recipe's train section is TrainSettings itself: each field reaches the run's TrainConfig unchanged."""
+    run_only = {"student", "teacher", "eval_teacher", "out_dir", "data", "tokens", "random_init", "seed"}
+    assert set(TrainConfig.model_fields) - set(TrainSettings.model_fields) == run_only
+    settings = {"objective": "distill", "batch_size": 2, "grad_accum": 3, "precision": "float32",
+                "loss": {"divergence": "jsd", "beta": 0.3, "temperature": 2.0, "ce_weight": 0.5, "chunk_tokens": 64},
+                "optim": {"lr": 1e-3, "min_lr_ratio": 0.2, "warmup_fraction": 0.1, "weight_decay": 0.0,
+                          "betas": [0.8, 0.9], "grad_clip": 0.5},
+                "eval": {"every": 7}, "checkpoint": {"every": 4, "keep": 3}, "teacher_top_k": 16,
+                "fused_loss": "off", "attention": "sdpa"}
+    assert set(settings) == set(TrainSettings.model_fields)
+    recipe = load_recipe(_write(_recipe(parent, train=settings), tmp_path / "r.yaml"))
+    run = train_config(recipe.train, student=tmp_path, out_dir=tmp_path, data=recipe.data, tokens=10)
+    dumped = run.model_dump(mode="json")
+    assert {k: dumped[k] for k in settings} == TrainSettings.model_validate(settings).model_dump(mode="json")
+    assert run.checkpoint.keep == 3 and run.teacher_top_k == 16 and run.loss.divergence == "jsd"
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda r: r.update(learning_rate=1), "learning_rate: Extra inputs are not permitted"),
+    (lambda r: r["train"].update(checkpoint={"evry": 3}), "train.checkpoint.evry: Extra inputs are not permitted"),
+    (lambda r: r["train"].update(eval_every=3), "train.eval_every: Extra inputs are not permitted"),
     (lambda r: r["stages"][0]["target"].update(params="10"), "below the smallest child"),
     (lambda r: r["stages"][1]["target"].update(dims={"hidden_size": 4096}), "stage 2 (micro-cascade-b): hidden_size"),
     (lambda r: r.update(parent="no-such-model"), "unknown model 'no-such-model'"),

@@ -25,7 +25,7 @@ def test_tiny_cascade_on_smollm2_is_served_by_both_engines(smollm2: ModelSpec, t
         "name": "smoke", "parent": parent,
         "data": {"sources": [{"kind": "shakespeare"}], "seq_len": 64, "val_sequences": 4, "max_train_tokens": 20000},
         "calibration_sequences": 4,
-        "train": {"batch_size": 2, "eval_every": 3, "checkpoint_every": 3, "optim": {"lr": 3e-4}},
+        "train": {"batch_size": 2, "eval": {"every": 3}, "checkpoint": {"every": 3}, "optim": {"lr": 3e-4}},
         "stages": [
             {"name": "smoke-a", "target": {"dims": {"num_hidden_layers": 27, "intermediate_size": 1280}},
              "tokens": 64 * 2 * 3},

@@ -16,9 +16,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from distill.components.checkpointer import CheckpointMismatchError
+from distill.components.metrics import read_metrics
+from distill.config import TrainConfig
 from distill.data import DataConfig, SourceConfig
 from distill.losses import VocabMismatchError
-from distill.train import CheckpointMismatchError, TrainConfig, Trainer, TrainingDivergedError, read_metrics
+from distill.train import Trainer, TrainingDivergedError
 from models.checkpoint import COMPLETE_MARKER
 from tests.distill_micro import write_corpus, write_micro_checkpoint
 
@@ -44,7 +47,7 @@ def _config(micro: dict[str, Path], out: Path, **overrides: object) -> TrainConf
         student=str(micro["student"]), teacher=str(micro["teacher"]), out_dir=str(out),
         data=DataConfig(sources=[SourceConfig(kind="files", paths=[str(micro["corpus"] / "*.py")])], seq_len=32,
                         val_sequences=8),
-        tokens=32 * 4 * 30, batch_size=4, eval_every=10, checkpoint_every=10, precision="float32",
+        tokens=32 * 4 * 30, batch_size=4, eval={"every": 10}, checkpoint={"every": 10}, precision="float32",
         optim={"lr": 3e-3, "warmup_fraction": 0.1},
     )
     values.update(overrides)
@@ -71,7 +74,7 @@ def test_distillation_lowers_kl_to_the_teacher_and_writes_curves(micro, tmp_path
     assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000
     assert all(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert kept == ["step-000020", "step-000030"]  # keep_checkpoints=2
+    assert kept == ["step-000020", "step-000030"]  # checkpoint.keep = 2
     out = trainer.export(tmp_path / "student", {"note": "test"})
     assert json.loads((out / "cascade-card.json").read_text()) == {"note": "test"}
     assert (out / "tokenizer.json").is_file() and not list(out.glob("*.bin"))
@@ -106,7 +109,7 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(micro, tmp_pa
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(micro, tmp_path):
-    trainer = Trainer(_config(micro, tmp_path / "run", tokens=32 * 4 * 8, checkpoint_every=2), progress=False)
+    trainer = Trainer(_config(micro, tmp_path / "run", tokens=32 * 4 * 8, checkpoint={"every": 2}), progress=False)
     calls = 0
 
     def corrupt_after_step_4(module, args, output):  # the teacher goes bad mid-run: every KD loss is NaN from then
@@ -114,7 +117,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(micro, tmp_pa
         calls += 1
         return output * float("nan") if calls > 2 + 4 else output  # 2 evaluation batches, then one call a step
 
-    trainer.teacher.lm.model.norm.register_forward_hook(corrupt_after_step_4)
+    trainer.objective.teacher.lm.model.norm.register_forward_hook(corrupt_after_step_4)
     with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 4.*step-000004"):
         trainer.train()
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
@@ -123,15 +126,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(micro, tmp_pa
 def test_fused_loss_and_cascade_attention_train_like_the_defaults(micro, tmp_path, monkeypatch):
     """The fused linear KD loss and the Triton attention (interpreter on CPU) give the run the default chunked loss
     and sdpa give; `fused_loss: auto` turns the fused loss on from FUSED_MIN_VOCAB entries."""
-    import distill.train
+    import distill.objectives.kd
 
     tokens = 32 * 4 * 4
-    base = Trainer(_config(micro, tmp_path / "base", tokens=tokens, eval_every=2), progress=False)
-    assert not base.student.fused  # the micro vocabulary (256) is short
-    monkeypatch.setattr(distill.train, "FUSED_MIN_VOCAB", 256)
-    kernels = Trainer(_config(micro, tmp_path / "kernels", tokens=tokens, eval_every=2, attention="cascade"),
+    base = Trainer(_config(micro, tmp_path / "base", tokens=tokens, eval={"every": 2}), progress=False)
+    assert not base.objective.fused  # the micro vocabulary (256) is short
+    monkeypatch.setattr(distill.objectives.kd, "FUSED_MIN_VOCAB", 256)
+    kernels = Trainer(_config(micro, tmp_path / "kernels", tokens=tokens, eval={"every": 2}, attention="cascade"),
                       progress=False)
-    assert kernels.student.fused
+    assert kernels.objective.fused
     assert kernels.student.lm.config._attn_implementation == "cascade"
     base.train()
     kernels.train()
@@ -154,9 +157,9 @@ def test_a_mistral_vocabulary_trains_with_the_fused_loss_by_default(micro, tmp_p
     runs = {}
     for fused in ("auto", "off"):
         config = _config(micro, tmp_path / fused, student=checkpoint, teacher=checkpoint, random_init=True,
-                         tokens=32 * 4 * 3, eval_every=3, fused_loss=fused)
+                         tokens=32 * 4 * 3, eval={"every": 3}, fused_loss=fused)
         trainer = Trainer(config, progress=False)
-        assert trainer.student.fused == (fused == "auto")
+        assert trainer.objective.fused == (fused == "auto")
         trainer.train()
         runs[fused] = read_metrics(tmp_path / fused / "metrics.jsonl")
     for x, y in zip(runs["auto"], runs["off"], strict=True):
@@ -166,14 +169,14 @@ def test_a_mistral_vocabulary_trains_with_the_fused_loss_by_default(micro, tmp_p
 
 
 def test_resume_refuses_a_checkpoint_written_with_other_settings(micro, tmp_path):
-    config = _config(micro, tmp_path / "run", tokens=32 * 4 * 4, checkpoint_every=2)
+    config = _config(micro, tmp_path / "run", tokens=32 * 4 * 4, checkpoint={"every": 2})
     Trainer(config, progress=False).train()
     for change in ({"tokens": 32 * 4 * 8}, {"optim": {"lr": 1e-3}}, {"loss": {"divergence": "reverse_kl"}}):
         changed = TrainConfig.model_validate({**config.model_dump(), **change})
         with pytest.raises(CheckpointMismatchError, match=f"{next(iter(change))} differ.*delete"):
             Trainer(changed, progress=False).train(resume=True)
     # where and how often it writes may change; the finished run is found and evaluated, not retrained
-    moved = config.model_copy(update={"eval_every": 3, "checkpoint_every": 1})
+    moved = TrainConfig.model_validate({**config.model_dump(), "eval": {"every": 3}, "checkpoint": {"every": 1}})
     assert Trainer(moved, progress=False).train(resume=True) == Trainer(config, progress=False).train(resume=True)
     # the same path with other weights in it (e.g. pruned again) is another start
     (micro["student"] / "model.safetensors").touch()
@@ -209,9 +212,9 @@ def test_two_gloo_processes_with_fsdp2_match_one_process(micro, tmp_path):
     the fused loss (its head gradient made in the forward must reach the sharded head), the single one the
     chunked loss."""
     single = _write(_config(micro, tmp_path / "single", batch_size=2, grad_accum=2, tokens=32 * 4 * 12,
-                            checkpoint_every=6), tmp_path / "single.yaml")
+                            checkpoint={"every": 6}), tmp_path / "single.yaml")
     fsdp = _write(_config(micro, tmp_path / "fsdp", batch_size=2, grad_accum=1, tokens=32 * 4 * 12,
-                          checkpoint_every=6, fused_loss="on"), tmp_path / "fsdp.yaml")
+                          checkpoint={"every": 6}, fused_loss="on"), tmp_path / "fsdp.yaml")
     one = _cli(["train", str(single)])
     assert one.wait(timeout=300) == 0, one.stderr.read()
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -236,20 +239,20 @@ def test_an_offline_teacher_cache_is_built_once_and_reused(micro, tmp_path):
 
     config = _config(micro, tmp_path / "cached", teacher_top_k=128, tokens=32 * 4 * 20)
     trainer = Trainer(config, progress=False)
-    assert trainer.teacher is None and trainer.cache is not None  # no live teacher in the training step
+    assert trainer.objective.teacher is None and trainer.objective.cache is not None  # no live teacher in a step
     final = trainer.train()
     first = read_metrics(tmp_path / "cached" / "metrics.jsonl")
     assert final["val_kl"] < 0.7 * first[0]["val_kl"]  # evaluated with the full-vocabulary KL
-    cache_file = trainer.cache.folder / CACHE_FILE
+    cache_file = trainer.objective.cache.folder / CACHE_FILE
     built = cache_file.stat().st_mtime_ns
-    rows = len(trainer.cache.position)
+    rows = len(trainer.objective.cache.position)
     assert rows == len({int(i) for s in range(20) for i in trainer.sampler.indices(s, 0)})
 
     again = Trainer(config.model_copy(update={"out_dir": str(tmp_path / "again")}), progress=False)
-    assert cache_file.stat().st_mtime_ns == built and len(again.cache.position) == rows  # nothing recomputed
+    assert cache_file.stat().st_mtime_ns == built and len(again.objective.cache.position) == rows  # nothing recomputed
     longer = Trainer(config.model_copy(update={"out_dir": str(tmp_path / "longer"), "tokens": 32 * 4 * 30}),
                      progress=False)
-    assert len(longer.cache.position) > rows  # only the missing rows were added
+    assert len(longer.objective.cache.position) > rows  # only the missing rows were added
 
     live = Trainer(_config(micro, tmp_path / "live", tokens=32 * 4 * 20), progress=False).train()
     assert abs(final["val_kl"] - live["val_kl"]) < 0.25 * live["val_kl"]  # top-128 of 384 tokens: close to live KD
@@ -265,7 +268,7 @@ def test_a_cascade_stage_runs_under_torchrun(micro, tmp_path):
         "data": {"sources": [{"kind": "files", "paths": [str(micro["corpus"] / "*.py")]}], "seq_len": 32,
                  "val_sequences": 8},
         "calibration_sequences": 8,
-        "train": {"batch_size": 2, "eval_every": 3, "checkpoint_every": 3, "precision": "float32",
+        "train": {"batch_size": 2, "eval": {"every": 3}, "checkpoint": {"every": 3}, "precision": "float32",
                   "optim": {"lr": 3e-3}},
         "stages": [{"name": "micro-fsdp-a", "target": {"dims": {"num_hidden_layers": 2}}, "tokens": 32 * 4 * 6}],
     }

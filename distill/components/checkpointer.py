@@ -1,0 +1,123 @@
+"""Training checkpoints: full state dicts (gathered from FSDP2 shards) written by rank 0 as safetensors + JSON,
+never pickle, into a directory renamed into place. A run killed at any point resumes from its last complete
+checkpoint with the same weights, optimizer moments, RNG and data position; one written under other settings is
+refused rather than silently mixed into this run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from distill.common import barrier, world
+from models.checkpoint import COMPLETE_MARKER, atomic_directory
+
+
+class CheckpointConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    every: int = Field(20, ge=1, description="steps between checkpoints (the last step always writes one)")
+    keep: int = Field(2, ge=1, description="how many recent checkpoints stay on disk")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written under other settings: resuming it would silently mix two runs."""
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state on CPU on every rank (gathered from FSDP2 shards when there are any)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class Checkpointer:
+    def __init__(self, root: Path, config: CheckpointConfig, tied_head: bool) -> None:
+        self.root, self.config, self.tied_head = root, config, tied_head
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.root.glob("step-*") if (p / COMPLETE_MARKER).is_file())
+        return done[-1] if done else None
+
+    def due(self, step: int, total: int) -> bool:
+        return step % self.config.every == 0 or step == total
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+        """Write step `step`; `state` (JSON) records what the run was and where it stands. Collective: every rank
+        calls it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        weights = full_model_state(model)
+        optim = get_optimizer_state_dict(model, optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        path = self.root / f"step-{step:06d}"
+        if world()[0] == 0:
+            with atomic_directory(path, f"step {step}") as tmp:
+                save_file(self._untied(weights), tmp / "model.safetensors")
+                tensors, meta = _flatten_optimizer(optim)
+                save_file(tensors, tmp / "optimizer.safetensors")
+                save_file({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+                (tmp / "state.json").write_text(json.dumps({"step": step, **state, "optimizer": meta}, indent=1) + "\n")
+            old = sorted(p for p in self.root.glob("step-*") if p != path)
+            for stale in old[:max(0, len(old) - (self.config.keep - 1))]:
+                shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+        return path
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, expected: dict[str, object],
+             how_to_restart: str, names: dict[str, str] | None = None) -> dict:
+        """Restore `path` into model, optimizer and RNG; returns its state record. `expected` holds the values this
+        run's checkpoint must have been written with, from its config or its state record (a key the checkpoint
+        lacks is taken as equal); `names` says how the error names a key."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = json.loads((path / "state.json").read_text())
+        written = {**state, **state["config"]}
+        differ = [(names or {}).get(k, k) for k, v in expected.items() if written.get(k, v) != v]
+        if differ:
+            raise CheckpointMismatchError(
+                f"{path} was written with other settings ({', '.join(differ)} differ); resume with the settings it "
+                f"was written with, or {how_to_restart}")
+        weights = load_file(path / "model.safetensors")
+        if self.tied_head:
+            head = [k for k in weights if k.endswith("embed_tokens.weight")]
+            weights[head[0].replace("model.embed_tokens", "lm_head")] = weights[head[0]]
+        optim = _unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"])
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world()[1] > 1)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, optimizer, optim, options=options)
+        torch.set_rng_state(load_file(path / "rng.safetensors")["cpu"])
+        return state
+
+    def _untied(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """safetensors refuses tensors that share memory; the tied head is rebuilt from the embedding on load."""
+        out = {k: v.contiguous() for k, v in weights.items()}
+        if self.tied_head:
+            for key in [k for k in out if k.endswith("lm_head.weight")]:
+                del out[key]
+        return out
+
+
+def _flatten_optimizer(optim: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    for fqn, state in optim["state"].items():
+        for key, value in state.items():
+            tensors[f"{fqn}::{key}"] = torch.as_tensor(value).contiguous()
+    return tensors, {"param_groups": [dict(g) for g in optim["param_groups"]]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        fqn, key = name.split("::")
+        state.setdefault(fqn, {})[key] = value
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,56 @@
+"""Held-out evaluation: cross-entropy / perplexity of the student, and against a teacher the per-token
+KL(teacher || student) and top-1 agreement. Every rank runs the same number of batches (FSDP2 collectives)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from distill.common import Precision, all_sum, autocast, world
+from distill.components.models import Teacher
+from distill.losses import token_divergence
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    every: int = Field(20, ge=1, description="steps between evaluations (the last step always evaluates)")
+
+
+class Evaluator:
+    def __init__(self, config: EvalConfig, rows: torch.Tensor, batch_size: int, teacher: Teacher | None,
+                 precision: Precision, on: torch.device) -> None:
+        rank, size = world()
+        self.config, self.batch_size, self.teacher, self.precision, self.device = (
+            config, batch_size, teacher, precision, on)
+        self.rows = rows[rank::size]  # equal shares: the caller checks the count divides by the world size
+
+    def due(self, step: int, total: int) -> bool:
+        return step % self.config.every == 0 or step == total
+
+    @torch.no_grad()
+    def __call__(self, student: nn.Module) -> dict[str, float]:
+        """val_ce, val_ppl and, with a teacher, val_kl and val_top1_agree (means per predicted token)."""
+        was_training = student.training
+        student.eval()
+        sums = torch.zeros(4, dtype=torch.float64)  # ce, kl, agree, tokens
+        for start in range(0, len(self.rows), self.batch_size):
+            ids = self.rows[start:start + self.batch_size].to(self.device)
+            labels = ids[:, 1:]
+            with autocast(self.precision, self.device):
+                logits = student(ids)  # [B, T-1, V] fp32
+                t_logits = self.teacher.logits(ids) if self.teacher is not None else None
+            sums[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+            if t_logits is not None:
+                sums[1] += token_divergence(logits, t_logits, "forward_kl").sum()
+                sums[2] += (logits.argmax(-1) == t_logits[..., : logits.shape[-1]].argmax(-1)).sum()
+            sums[3] += labels.numel()
+        sums = all_sum(sums)
+        student.train(was_training)
+        n = sums[3].item()
+        result = {"val_ce": sums[0].item() / n, "val_ppl": math.exp(min(50.0, sums[0].item() / n))}
+        if self.teacher is not None:
+            result |= {"val_kl": sums[1].item() / n, "val_top1_agree": sums[2].item() / n}
+        return result

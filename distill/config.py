@@ -1,0 +1,65 @@
+"""The trainer's settings, in one place: `TrainSettings` is everything a recipe's `train:` section may set (each
+component's own config nested under its name), `TrainConfig` adds what one run needs besides (which student,
+teacher, data, budget, where to write). A cascade recipe, a `python -m distill train` YAML and the benchmark all
+validate into these; unknown keys are refused at every level."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from distill.common import Precision
+from distill.components.checkpointer import CheckpointConfig
+from distill.components.evaluator import EvalConfig
+from distill.components.lr_scheduler import OptimConfig
+from distill.data import DataConfig
+from distill.losses import LossConfig
+
+FUSED_MIN_VOCAB = 65536  # Mistral's 131k Tekken vocabulary: where [tokens x vocab] logits dominate memory
+
+
+class TrainSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    objective: Literal["distill"] = Field(
+        "distill", description="the loss module over the shared loop (distill/objectives/): distill = KD from the "
+                               "teacher (+ optional cross-entropy; cross-entropy only without a teacher)")
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    precision: Precision = Field(
+        "auto", description="bfloat16 autocast for the transformer blocks (logits and losses stay fp32); auto: "
+                            "bfloat16 where the device has native support (CUDA bf16, CPU AVX512-BF16/AMX)")
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    teacher_top_k: int | None = Field(None, ge=1, description="distill from a cache of the teacher's top-k log-probs "
+                                      "+ a tail bucket (computed once, reused across runs) instead of running it")
+    fused_loss: Literal["auto", "on", "off"] = Field(
+        "auto", description="the fused linear distillation loss (kernels/distill_loss.py: gradients made chunk by "
+                            "chunk in the forward, no recomputed logits; Triton on GPU, torch rows on CPU); auto: on "
+                            f"for vocabularies of >= {FUSED_MIN_VOCAB} entries with a live teacher")
+    attention: Literal["sdpa", "cascade"] = Field(
+        "sdpa", description="cascade: our Triton attention (kernels/attention.py) for student and teacher; needs a "
+                            "CUDA GPU, or TRITON_INTERPRET=1 on CPU (correct but very slow)")
+
+
+class TrainConfig(TrainSettings):
+    student: str = Field(description="checkpoint directory (or registry name) the student starts from")
+    teacher: str | None = Field(None, description="teacher checkpoint; None trains with cross-entropy only")
+    eval_teacher: str | None = Field(None, description="teacher for KL-to-teacher in evaluation (default: teacher)")
+    out_dir: str
+    data: DataConfig
+    tokens: int = Field(gt=0, description="token budget; steps = tokens / tokens per step, rounded up")
+    random_init: bool = Field(False, description="re-initialise the student's weights (the from-scratch baseline)")
+    seed: int = 0
+
+
+# Settings a resumed run may change: where it writes, how often it evaluates and checkpoints, and implementations
+# of the same function (loss, attention). Everything else must match the checkpoint it resumes.
+RESUMABLE_FIELDS = ("out_dir", "eval", "checkpoint", "fused_loss", "attention")
+
+
+def run_settings(config: TrainConfig) -> dict[str, object]:
+    """What decides a run's result (JSON values): a checkpoint must have been written with exactly these."""
+    return config.model_dump(mode="json", exclude=set(RESUMABLE_FIELDS))

@@ -1,0 +1,24 @@
+"""Training objectives: small loss modules over the one loop in distill/train.py (same data, checkpoints, FSDP2).
+
+An objective is built once per run from the run's config and data, then called per micro-batch:
+`objective(student, rows, ids) -> (loss, metrics)`, where `metrics` holds per-token means by name and their count
+under "tokens" (the loop weights and sums them across micro-batches and ranks). Add one as a module here and a
+name in `OBJECTIVES` and in `TrainSettings.objective`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from distill.components.models import Student
+from distill.objectives.kd import Distillation
+
+
+class Objective(Protocol):
+    def __call__(self, student: Student, rows: torch.Tensor, ids: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+OBJECTIVES = {"distill": Distillation}

@@ -1,0 +1,66 @@
+"""Knowledge distillation: the divergence to a frozen teacher on every token (forward KL by default) plus an
+optional cross-entropy term; cross-entropy only when the run has no teacher. The teacher runs live, or once ahead
+of training as a cache of its top-k log-probs (distill/teacher_cache.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distill.common import barrier, is_rank0, resolve_precision
+from distill.components.models import Student, Teacher, load_teacher
+from distill.config import FUSED_MIN_VOCAB, TrainConfig
+from distill.data import BatchSampler, cache_key
+from distill.losses import distill_loss
+from distill.model_io import check_same_tokenizer
+from distill.teacher_cache import TeacherCache, cache_dir, ensure_cache
+
+
+class Distillation:
+    def __init__(self, config: TrainConfig, student: Student, train_rows: torch.Tensor, sampler: BatchSampler,
+                 total_steps: int, on: torch.device, progress: bool = True) -> None:
+        self.config, self.device = config, on
+        distilling = config.teacher is not None and config.loss.kd_weight > 0
+        vocab = student.lm.config.vocab_size
+        fused = config.fused_loss == "on" or (config.fused_loss == "auto" and vocab >= FUSED_MIN_VOCAB)
+        self.fused = fused and not (distilling and config.teacher_top_k)  # the fused loss needs a live teacher
+        self.cache: TeacherCache | None = None
+        self.teacher: Teacher | None = None
+        if distilling and config.teacher_top_k:
+            self.cache = _teacher_cache(config, vocab, train_rows, sampler.rows_read(total_steps), on, progress)
+        elif distilling:
+            self.teacher = load_teacher(Path(config.teacher), Path(config.student), vocab, config.attention, on)
+
+    def describe(self) -> str:
+        source = "cached top-k teacher" if self.cache else "live teacher" if self.teacher else "no teacher"
+        return f"distill ({source}; {'fused linear' if self.fused else 'chunked (checkpointed)'} loss)"
+
+    def __call__(self, student: Student, rows: torch.Tensor, ids: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        teacher_hidden, teacher_head = self.teacher(ids) if self.teacher is not None else (None, None)
+        topk = tuple(t.to(self.device) for t in self.cache.lookup(rows)) if self.cache is not None else None
+        return student(ids, self._head_loss, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                       teacher_topk=topk)
+
+    def _head_loss(self, hidden: torch.Tensor, head: torch.Tensor, ids: torch.Tensor,
+                   teacher_hidden: torch.Tensor | None, teacher_head: torch.Tensor | None,
+                   teacher_topk: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = ids[:, 1:].reshape(-1)  # [B*(T-1)]: position t predicts token t+1
+        flat_teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
+        return distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, labels, self.config.loss, flat_teacher,
+                            teacher_head, teacher_topk, fused=self.fused)  # type: ignore[arg-type]
+
+
+def _teacher_cache(config: TrainConfig, vocab: int, train_rows: torch.Tensor, needed: list[int], on: torch.device,
+                   progress: bool) -> TeacherCache:
+    """Build (rank 0) or reuse the teacher's top-k for exactly the rows this run will read."""
+    teacher = Path(config.teacher)  # type: ignore[arg-type]
+    check_same_tokenizer(Path(config.student), teacher, vocab)
+    data_key = cache_key(config.data, teacher)
+    if is_rank0():
+        dtype = torch.bfloat16 if resolve_precision(config.precision, on) == "bfloat16" else None
+        ensure_cache(teacher, train_rows, needed, config.teacher_top_k, config.loss.temperature, vocab,  # type: ignore[arg-type]
+                     data_key, dtype, config.batch_size, progress)
+    barrier()
+    return TeacherCache(cache_dir(teacher, data_key, config.teacher_top_k, config.loss.temperature, vocab))  # type: ignore[arg-type]
