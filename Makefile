@@ -25,7 +25,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model gguf serve test lint bench-serve distill chat-data bench-distill bench-kernels eval eval-report clean
+.PHONY: install model gguf serve test lint bench-serve distill chat-data corpus bench-distill bench-distill-speed bench-kernels eval eval-report clean
 
 install: $(STAMP)
 
@@ -85,6 +85,16 @@ chat-data: model
 # writes docs/distill-results.md and docs/distill/*.png. Runs the recipe first if needed.
 bench-distill: $(STAMP)
 	$(PY) -m distill.bench --recipe $(RECIPE)
+
+# Training tokens/s per setting (sequence length, batch, bf16, fused loss, offline teacher) on the real teacher and its
+# first pruned student -> docs/bench/distill-throughput.md (about 15 minutes on 2 cores).
+bench-distill-speed: $(STAMP)
+	$(PY) -m distill.throughput --recipe $(RECIPE)
+
+# The teacher's answers to the general prompt set (a recipe's `kind: answers` sources), made once; `make distill`
+# makes them too when a recipe needs them.
+corpus: model
+	$(PY) -m distill corpus $(RECIPE) $(CORPUS_ARGS)
 
 # Kernel benchmarks -> docs/bench/kernels.md: KD loss peak memory at vocab 131072 (naive vs chunked vs fused) and
 # every kernel's error against float64 (interpreter on CPU); on a CUDA machine also attention TFLOP/s vs SDPA-flash

@@ -1,5 +1,6 @@
-"""`python -m distill cascade RECIPE.yaml` | `train CONFIG.yaml` | `plan --model M --params 100M` |
-`answers PROMPTS.jsonl OUT.jsonl --teacher M` (chat data: the teacher's answers, through our server).
+"""`python -m distill cascade RECIPE.yaml` | `corpus RECIPE.yaml` | `train CONFIG.yaml` |
+`plan --model M --params 100M` | `answers PROMPTS.jsonl OUT.jsonl --teacher M` (chat data: the teacher's answers,
+through our server).
 
 Runs the same under `torchrun --nproc-per-node N -m distill ...` (FSDP2; gloo on CPU, NCCL on GPUs).
 """
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     cascade.add_argument("recipe", type=Path)
     cascade.add_argument("--runs", type=Path, help="working directory (default $CASCADE_HOME/runs/<recipe name>)")
     cascade.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan only")
+    corpus = sub.add_parser("corpus", help="make a recipe's teacher-written data (kind: answers) now")
+    corpus.add_argument("recipe", type=Path)
+    corpus.add_argument("--endpoint", help="a running server for the teacher (default: start ours, vLLM engine)")
+    corpus.add_argument("--api-key", default=os.environ.get("CASCADE_API_KEY"), help="for --endpoint")
     train = sub.add_parser("train", help="distill one student from a TrainConfig YAML")
     train.add_argument("config", type=Path)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
@@ -62,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from distill.answers import AnswerSettings, EndpointError, answer_with_teacher, write_answers
     from distill.cascade import RecipeError, load_recipe, parse_count, plan_recipe, run_recipe
-    from distill.common import close_distributed, init_distributed
+    from distill.common import close_distributed, init_distributed, is_rank0
     from distill.config import TrainConfig
+    from distill.corpus import answers_file, prepare_sources
     from distill.data import DataError
     from distill.losses import VocabMismatchError
     from distill.model_io import UnsupportedModelError, load_config
@@ -88,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                 counts = write_answers(args.prompts, args.out, args.endpoint.rstrip("/"), args.api_key, settings)
             print(f"{counts['answers']} answers ({counts['truncated']} cut at --max-tokens) -> {args.out}")
             return 0
+        if args.command == "corpus":
+            recipe = load_recipe(args.recipe)
+            prepare_sources(recipe.data, endpoint=args.endpoint.rstrip("/") if args.endpoint else None,
+                            api_key=args.api_key)
+            for source in recipe.data.sources:
+                if source.kind == "answers":
+                    print(f"{answers_file(source)}\n{(answers_file(source).parent / 'card.json').read_text()}")
+            return 0
         if args.command == "cascade":
             recipe = load_recipe(args.recipe)
             if args.dry_run:
@@ -103,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RecipeError(f"config {args.config} does not exist")
         config = TrainConfig.model_validate(yaml.safe_load(args.config.read_text()))
         init_distributed()
+        if is_rank0():
+            prepare_sources(config.data)
         final = Trainer(config).train(resume=args.resume)
         print(" ".join(f"{k}={v:.4f}" for k, v in final.items()))
         return 0

@@ -21,13 +21,14 @@ from typing import Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distill.calibrate import STATS_FILE, collect_importance, load_importance, save_importance
 from distill.common import barrier, is_rank0
 from distill.components.lr_scheduler import OptimConfig
 from distill.components.metrics import read_metrics
 from distill.config import RESUMABLE_FIELDS, TrainConfig, TrainSettings
+from distill.corpus import prepare_sources
 from distill.data import DataConfig, build_tokens
 from distill.model_io import load_config, load_model, model_from_state, plain_state, save_model
 from distill.plan import (
@@ -106,6 +107,14 @@ class Recipe(BaseModel):
     stages: list[Stage] = Field(min_length=1)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _answers_teacher(self) -> Recipe:
+        """Teacher-written data comes from the root parent unless a source names another model."""
+        for source in self.data.sources:
+            if source.kind == "answers" and source.teacher is None:
+                source.teacher = self.parent
+        return self
+
 
 def load_recipe(path: Path) -> Recipe:
     if not path.is_file():
@@ -173,6 +182,8 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
         for i, plan in enumerate(plans, 1):
             print(f"  stage {i} {plan.stage.name}: {plan.target.describe()}, {plan.stage.tokens:,} tokens, "
                   f"teacher {plan.stage.teacher}")
+        prepare_sources(recipe.data, progress)  # the teacher's answers, once, before any stage needs them
+    barrier()
     results = []
     source_dir = parent_dir
     for i, plan in enumerate(plans, 1):

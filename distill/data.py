@@ -6,8 +6,11 @@ Corpora (all available without a model hub):
   stdlib       this Python's own standard-library source (code, for a Devstral-style student), one document per file
   files        local globs: .jsonl lines with "text" (or "messages", rendered with the chat template, e.g. prompts
                with teacher-generated answers); any other file is one document
+  answers      the teacher's answers to a prompt set (distill/prompt_set.py, or a file), made once through our
+               server (distill/corpus.py), one document per conversation
 
-The validation split holds out whole documents (plays, files), chosen by a seeded hash, so no text is in both.
+The validation split holds out whole documents (plays, files), chosen by a seeded hash, so no text is in both;
+with several sources each gives its share (`max_tokens` caps set the mixture).
 Token shards are cached under $CASCADE_HOME/data/<key>, keyed on everything that changes them.
 """
 
@@ -50,13 +53,24 @@ class DataError(ValueError):
 
 class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["shakespeare", "stdlib", "files"]
+    kind: Literal["shakespeare", "stdlib", "files", "answers"]
     paths: list[str] = Field(default_factory=list, description="globs, for kind=files")
+    max_tokens: int | None = Field(None, ge=1, description="cap on this source's training tokens: with several "
+                                   "sources, the caps state the mixture's proportions")
+    prompts: str | None = Field(None, description="kind=answers: `general` (distill/prompt_set.py) or a JSONL of "
+                                "prompts; the teacher answers them once through our server (distill/corpus.py)")
+    answer_tokens: int = Field(256, ge=1, le=8192, description="kind=answers: most tokens per answer")
+    teacher: str | None = Field(None, description="kind=answers: the model that answers (a recipe fills in its "
+                                "parent)")
 
     @model_validator(mode="after")
     def _paths(self) -> SourceConfig:
         if (self.kind == "files") != bool(self.paths):
             raise ValueError("paths are required for kind=files and only allowed there")
+        if self.kind == "answers" and self.prompts is None:
+            self.prompts = "general"
+        if self.kind != "answers" and (self.prompts is not None or self.teacher is not None):
+            raise ValueError("prompts and teacher are only allowed for kind=answers")
         return self
 
 
@@ -136,14 +150,22 @@ def file_documents(patterns: list[str], tokenizer) -> Iterator[tuple[str, list[i
                 raise DataError(f"{path}:{n}: a record needs a 'text' string or a 'messages' list")
 
 
-def _documents(config: DataConfig, tokenizer) -> Iterator[tuple[str, list[int] | str]]:
-    for source in config.sources:
-        if source.kind == "shakespeare":
-            yield from shakespeare_documents()
-        elif source.kind == "stdlib":
-            yield from stdlib_documents()
-        else:
-            yield from file_documents(source.paths, tokenizer)
+def _source_documents(source: SourceConfig, tokenizer) -> Iterator[tuple[str, list[int] | str]]:
+    if source.kind == "shakespeare":
+        yield from shakespeare_documents()
+    elif source.kind == "stdlib":
+        yield from stdlib_documents()
+    elif source.kind == "answers":
+        from distill.corpus import answers_file
+
+        path = answers_file(source)
+        if not path.is_file():
+            raise DataError(f"the teacher's answers to the {source.prompts} prompts are not made yet ({path}); a "
+                            "recipe makes them first, or run `python -m distill corpus`")
+        for name, doc in file_documents([str(path)], tokenizer):
+            yield f"answers/{source.prompts}/{name.rsplit(':', 1)[-1]}", doc
+    else:
+        yield from file_documents(source.paths, tokenizer)
 
 
 def _tokenizer_digest(model_dir: Path) -> str:
@@ -157,6 +179,10 @@ def _tokenizer_digest(model_dir: Path) -> str:
 def _files_state(config: DataConfig) -> list[tuple[str, int, int]]:
     """Local files by name, size and modification time: editing one invalidates the token cache."""
     paths = sorted({p for s in config.sources for pattern in s.paths for p in glob.glob(pattern, recursive=True)})
+    if any(s.kind == "answers" for s in config.sources):
+        from distill.corpus import answers_file
+
+        paths += [str(f) for s in config.sources if s.kind == "answers" and (f := answers_file(s)).is_file()]
     return [(p, (st := Path(p).stat()).st_size, st.st_mtime_ns) for p in paths]
 
 
@@ -176,25 +202,21 @@ def build_tokens(config: DataConfig, model: str | Path) -> dict[str, torch.Tenso
         return {k: v.long() for k, v in shards.items()}
     tokenizer = load_tokenizer(spec)
     eos = tokenizer.eos_token_id
-    docs: list[tuple[str, list[int]]] = []
-    for name, doc in tqdm(_documents(config, tokenizer), desc="tokenize", unit="doc"):
-        ids = doc if isinstance(doc, list) else tokenizer.encode(doc, add_special_tokens=False)
-        docs.append((name, ids if ids and ids[-1] == eos else [*ids, eos]))  # Mistral chats already end in EOS
-    if not docs:
-        raise DataError("the data sources produced no documents")
-
-    def rank(name: str) -> str:
-        return hashlib.sha256(f"{config.seed}:{name}".encode()).hexdigest()
-
-    ordered = sorted(docs, key=lambda d: rank(d[0]))
-    need = config.val_sequences * config.seq_len
-    val: list[int] = []
-    train: list[int] = []
-    for _, ids in ordered:
-        (val if len(val) < need else train).extend(ids)
+    sources: list[list[tuple[str, list[int]]]] = []
+    for source in config.sources:
+        docs: list[tuple[str, list[int]]] = []
+        for name, doc in tqdm(_source_documents(source, tokenizer), desc=f"tokenize {source.kind}",
+                              unit="doc"):
+            ids = doc if isinstance(doc, list) else tokenizer.encode(doc, add_special_tokens=False)
+            docs.append((name, ids if ids and ids[-1] == eos else [*ids, eos]))  # Mistral chats already end in EOS
+        if not docs:
+            raise DataError(f"the {source.kind} source produced no documents")
+        sources.append(docs)
+    val, train, stats = _split(config, sources)
     rows = len(train) // config.seq_len
     if config.max_train_tokens is not None:
         rows = min(rows, config.max_train_tokens // config.seq_len)
+    need = config.val_sequences * config.seq_len
     if len(val) < need or rows < 1:
         raise DataError(f"not enough text: {len(val) + len(train)} tokens for {config.val_sequences} validation "
                         f"sequences of {config.seq_len} and at least one training sequence")
@@ -205,12 +227,45 @@ def build_tokens(config: DataConfig, model: str | Path) -> dict[str, torch.Tenso
     with atomic_directory(out, DATA_VERSION) as tmp:
         save_file(shards, tmp / "tokens.safetensors")
         (tmp / "data.json").write_text(json.dumps({
-            "config": config.model_dump(), "model": spec.name, "documents": len(docs),
-            "train_tokens": shards["train"].numel(), "val_tokens": shards["val"].numel(),
+            "config": config.model_dump(), "model": spec.name, "documents": sum(len(d) for d in sources),
+            "train_tokens": shards["train"].numel(), "val_tokens": shards["val"].numel(), "sources": stats,
         }, indent=1) + "\n")
-    log.info("data: %d documents -> %d train rows, %d val rows of %d tokens (%s)", len(docs), rows,
-             config.val_sequences, config.seq_len, out)
+    log.info("data: %d documents -> %d train rows, %d val rows of %d tokens (%s)", sum(len(d) for d in sources),
+             rows, config.val_sequences, config.seq_len, out)
     return {k: v.long() for k, v in shards.items()}
+
+
+def _split(config: DataConfig, sources: list[list[tuple[str, list[int]]]]) -> tuple[list[int], list[int], list[dict]]:
+    """(validation tokens, training tokens, per-source counts). Documents go in a seeded hash order; each source
+    gives the validation set whole documents in proportion to its share of the training tokens (its cap, or all it
+    has), then its next documents to training up to its cap. No document is in both."""
+    def rank(name: str) -> str:
+        return hashlib.sha256(f"{config.seed}:{name}".encode()).hexdigest()
+
+    need = config.val_sequences * config.seq_len
+    ordered = [sorted(docs, key=lambda d: rank(d[0])) for docs in sources]
+    sizes = [sum(len(ids) for _, ids in docs) for docs in ordered]
+    shares = [min(size, s.max_tokens or size) for size, s in zip(sizes, config.sources, strict=True)]
+    val_needs = [need * share // max(1, sum(shares)) for share in shares]
+    val_needs[-1] += need - sum(val_needs)
+    val: list[int] = []
+    train: list[int] = []
+    stats = []
+    for docs, source, val_need in zip(ordered, config.sources, val_needs, strict=True):
+        source_val: list[int] = []
+        source_train: list[int] = []
+        for _, ids in docs:
+            if len(source_val) < val_need:
+                source_val.extend(ids)
+            elif source.max_tokens is None or len(source_train) < source.max_tokens:
+                source_train.extend(ids)
+        source_val = source_val[:val_need]
+        source_train = source_train[: source.max_tokens] if source.max_tokens else source_train
+        val += source_val
+        train += source_train
+        stats.append({"kind": source.kind, "documents": len(docs), "train_tokens": len(source_train),
+                      "val_tokens": min(len(source_val), val_need)})
+    return val, train, stats
 
 
 class BatchSampler:

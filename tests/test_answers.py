@@ -87,3 +87,37 @@ def test_cli_reports_an_unreachable_endpoint_in_one_line(tmp_path: Path) -> None
                         "--endpoint", "http://127.0.0.1:9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "cannot reach http://127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.server
+def test_an_answers_source_is_made_once_checked_for_contamination_and_mixed(vllm_server: RunningServer,
+                                                                            smollm2: ModelSpec, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from distill.corpus import ensure_answers
+    from distill.data import DataConfig, SourceConfig, build_tokens
+
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path / "home"))
+    prompts = _lines(tmp_path / "prompts.jsonl", [
+        {"prompt": "What is the capital of France?", "family": "knowledge"},
+        {"prompt": "Quick one: what is 4 plus 4?", "family": "arithmetic"},  # an eval question whole: dropped
+        {"prompt": "Name three colours of the rainbow.", "family": "knowledge"},
+    ])
+    source = SourceConfig(kind="answers", prompts=str(prompts), teacher=smollm2.name, answer_tokens=24)
+    out = ensure_answers(source, progress=False, endpoint=vllm_server.base_url, api_key=vllm_server.api_key)
+    card = json.loads((out.parent / "card.json").read_text())
+    assert card["prompts"] == 3 and card["contamination"]["prompts_dropped"] == 1 and card["answers"] == 2
+    assert card["prompts_by_family"] == {"knowledge": 2} and card["contamination"]["eval_examples"] > 5000
+    made = out.stat().st_mtime_ns
+    assert ensure_answers(source, endpoint="http://127.0.0.1:9") == out and out.stat().st_mtime_ns == made  # once
+
+    # a mixture: the answers and Shakespeare, in proportions set by per-source caps; both give validation text
+    data = DataConfig(sources=[source, SourceConfig(kind="shakespeare", max_tokens=3000)], seq_len=16,
+                      val_sequences=4)
+    tokens = build_tokens(data, smollm2.name)
+    from distill.data import cache_key
+    from models.registry import cascade_home
+
+    stats = json.loads((cascade_home() / "data" / cache_key(data, smollm2.checkpoint_dir) / "data.json").read_text())
+    answers, shakespeare = stats["sources"]
+    assert shakespeare["train_tokens"] == 3000 and answers["documents"] == 2 and answers["val_tokens"] >= 1
+    assert tokens["train"].numel() == (answers["train_tokens"] + 3000) // 16 * 16
