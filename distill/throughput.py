@@ -35,6 +35,8 @@ SETTINGS: list[tuple[str, dict]] = [
     ("seq 256 x 4", {"seq_len": 256, "batch_size": 4}),
     ("seq 512 x 2", {"seq_len": 512, "batch_size": 2}),
     ("seq 128 x 16", {"batch_size": 16}),
+    ("fused linear loss, seq 256 x 4", {"fused_loss": "on", "seq_len": 256, "batch_size": 4}),
+    ("fused linear loss, seq 128 x 16", {"fused_loss": "on", "batch_size": 16}),
     ("offline teacher (top-64 cache)", {"teacher_top_k": 64}),
     ("seq 512 x 2, offline teacher", {"seq_len": 512, "batch_size": 2, "teacher_top_k": 64}),
 ]
@@ -119,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and not any(label.startswith(p) for p in args.only):
             continue
         rows.append(measure(pruned, parent.checkpoint_dir, work / f"run-{i}", args.steps, label, change))
+    previous = args.out / "distill-throughput.json"
+    if args.only and previous.is_file():  # a partial run updates its rows of the last full report
+        measured = {r["setting"] for r in rows}
+        kept = {r["setting"]: r for r in json.loads(previous.read_text())["rows"] if r["setting"] not in measured}
+        by_label = {r["setting"]: r for r in rows} | kept
+        rows = [by_label[label] for label, _ in SETTINGS if label in by_label]
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "teacher": parent.name,
             "student": f"{plans[0].stage.name} ({plans[0].target.describe()})", "steps": args.steps,
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
