@@ -21,9 +21,9 @@ FUSED_MIN_VOCAB = 65536  # Mistral's 131k Tekken vocabulary: where [tokens x voc
 
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    objective: Literal["distill"] = Field(
-        "distill", description="the loss module over the shared loop (distill/objectives/): distill = KD from the "
-                               "teacher (+ optional cross-entropy; cross-entropy only without a teacher)")
+    objective: Literal["kd"] = Field(
+        "kd", description="the loss module over the shared loop (distill/objectives/): kd = KD from the teacher "
+                          "(+ optional cross-entropy; cross-entropy only without a teacher)")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     precision: Precision = Field(

@@ -157,7 +157,7 @@ def test_every_trainer_setting_is_reachable_from_a_recipe(parent, tmp_path):
     """A recipe's train section is TrainSettings itself: each field reaches the run's TrainConfig unchanged."""
     run_only = {"student", "teacher", "eval_teacher", "out_dir", "data", "tokens", "random_init", "seed"}
     assert set(TrainConfig.model_fields) - set(TrainSettings.model_fields) == run_only
-    settings = {"objective": "distill", "batch_size": 2, "grad_accum": 3, "precision": "float32",
+    settings = {"objective": "kd", "batch_size": 2, "grad_accum": 3, "precision": "float32",
                 "loss": {"divergence": "jsd", "beta": 0.3, "temperature": 2.0, "ce_weight": 0.5, "chunk_tokens": 64},
                 "optim": {"lr": 1e-3, "min_lr_ratio": 0.2, "warmup_fraction": 0.1, "weight_decay": 0.0,
                           "betas": [0.8, 0.9], "grad_clip": 0.5},

@@ -21,4 +21,4 @@ class Objective(Protocol):
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-OBJECTIVES = {"distill": Distillation}
+OBJECTIVES = {"kd": Distillation}

@@ -34,7 +34,7 @@ class Distillation:
 
     def describe(self) -> str:
         source = "cached top-k teacher" if self.cache else "live teacher" if self.teacher else "no teacher"
-        return f"distill ({source}; {'fused linear' if self.fused else 'chunked (checkpointed)'} loss)"
+        return f"kd ({source}; {'fused linear' if self.fused else 'chunked (checkpointed)'} loss)"
 
     def __call__(self, student: Student, rows: torch.Tensor, ids: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
