@@ -25,7 +25,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model gguf serve test lint bench-serve distill chat-data corpus bench-distill bench-distill-speed bench-kernels eval eval-report clean
+.PHONY: install model gguf serve test lint bench-serve distill chat-data corpus bench-distill bench-distill-speed bench-distill-trl bench-kernels eval eval-report clean
 
 install: $(STAMP)
 
@@ -90,6 +90,12 @@ bench-distill: $(STAMP)
 # first pruned student -> docs/bench/distill-throughput.md (about 15 minutes on 2 cores).
 bench-distill-speed: $(STAMP)
 	$(PY) -m distill.throughput --recipe $(RECIPE)
+
+# cascade's trainer vs TRL's GKDTrainer on the same distillation (teacher, start, rows, batch, steps, loss): tokens/s,
+# peak RSS, held-out KL -> docs/bench/distill-vs-trl.md. TRL is installed for this benchmark only (pinned deps kept).
+bench-distill-trl: $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) trl==1.16.0
+	$(PY) -m distill.compare_trl --recipe $(RECIPE) $(TRL_ARGS)
 
 # The teacher's answers to the general prompt set (a recipe's `kind: answers` sources), made once; `make distill`
 # makes them too when a recipe needs them.

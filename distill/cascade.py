@@ -282,6 +282,20 @@ def pruned_marker(importance: str, target: Architecture, recipe: Recipe) -> str:
     return "pruned " + fingerprint(importance, target.as_dict(), recipe.layer_score, recipe.ffn_score)
 
 
+def pruned_start(recipe: Recipe, work: Path) -> tuple[Path, Path]:
+    """(parent checkpoint, the recipe's first stage pruned from it, before training) under `work`: the common start
+    of the benchmarks that compare training settings or trainers."""
+    parent, plans = plan_recipe(recipe)
+    importance, stamp = work / "importance", importance_marker(parent.checkpoint_dir, recipe)
+    if not is_prepared(importance, stamp):
+        calibrate(parent.checkpoint_dir, recipe, importance, True, stamp)
+    pruned, pruned_stamp = work / "pruned", pruned_marker(stamp, plans[0].target, recipe)
+    if not is_prepared(pruned, pruned_stamp):
+        prune_checkpoint(parent.checkpoint_dir, load_importance(importance / STATS_FILE), plans[0].target, recipe,
+                         pruned, pruned_stamp)
+    return parent.checkpoint_dir, pruned
+
+
 def calibrate(model_dir: Path, recipe: Recipe, out: Path, progress: bool = True, marker: str = "importance") -> Path:
     """Importance statistics of `model_dir` over the first calibration sequences of the training split."""
     rows = build_tokens(recipe.data, model_dir)["train"][: recipe.calibration_sequences]

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from distill.cascade import calibrate, importance_marker, load_recipe, plan_recipe, prune_checkpoint, pruned_marker
+from distill.cascade import load_recipe, plan_recipe, pruned_start
 from distill.components.metrics import read_metrics
 from distill.config import TrainConfig
 from distill.data import DataConfig, SourceConfig
 from distill.train import Trainer
-from models.checkpoint import is_prepared, write_text_atomic
+from models.checkpoint import write_text_atomic
 from models.registry import cascade_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,22 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)
-    parent, plans = plan_recipe(recipe)
     work = cascade_home() / "bench" / "throughput"
-    importance, stamp = work / "importance", importance_marker(parent.checkpoint_dir, recipe)
-    if not is_prepared(importance, stamp):
-        calibrate(parent.checkpoint_dir, recipe, importance, True, stamp)
-    from distill.calibrate import STATS_FILE, load_importance
-
-    pruned, pruned_stamp = work / "pruned", pruned_marker(stamp, plans[0].target, recipe)
-    if not is_prepared(pruned, pruned_stamp):
-        prune_checkpoint(parent.checkpoint_dir, load_importance(importance / STATS_FILE), plans[0].target, recipe,
-                         pruned, pruned_stamp)
+    parent_dir, pruned = pruned_start(recipe, work)
+    parent, plans = plan_recipe(recipe)
     rows = []
     for i, (label, change) in enumerate(SETTINGS):
         if args.only and not any(label.startswith(p) for p in args.only):
             continue
-        rows.append(measure(pruned, parent.checkpoint_dir, work / f"run-{i}", args.steps, label, change))
+        rows.append(measure(pruned, parent_dir, work / f"run-{i}", args.steps, label, change))
     previous = args.out / "distill-throughput.json"
     if args.only and previous.is_file():  # a partial run updates its rows of the last full report
         measured = {r["setting"] for r in rows}
