@@ -12,13 +12,17 @@ from typing import Protocol
 
 import torch
 
-from distill.components.models import Student
+from distill.components.models import Student, Teacher
 from distill.objectives.kd import Distillation
 
 
 class Objective(Protocol):
+    teacher: Teacher | None  # a live teacher the evaluator may reuse, if the objective holds one
+
+    def describe(self) -> str: ...  # one line for the log: what the objective runs
+
     def __call__(self, student: Student, rows: torch.Tensor, ids: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-OBJECTIVES = {"kd": Distillation}
+OBJECTIVES: dict[str, type[Objective]] = {"kd": Distillation}
