@@ -146,6 +146,13 @@ def test_bench_reports_every_baseline_at_equal_tokens(parent, tmp_path, monkeypa
         assert (tmp_path / "docs" / "distill" / f"{name}.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "docs" / "distill" / "results.json").read_text())["recipe"] == "micro-bench"
 
+    # --only-iterative: the same cascade (already trained: nothing reruns) against one-shot pruning, nothing else
+    only = run(_write(recipe, tmp_path / "bench.yaml"), tmp_path / "docs-iterative", only_iterative=True)
+    first, second, iterative_again = only["stages"]
+    assert [r["variant"] for r in first["rows"]] == ["pruned only", "prune + distill"]
+    assert iterative_again["rows"] == iterative["rows"]
+    assert "baselines not run" in (tmp_path / "docs-iterative" / "distill-results.md").read_text()
+
 
 @pytest.mark.parametrize("path", sorted((ROOT / "distill" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(path):
