@@ -101,6 +101,14 @@ def test_micro_cascade_prunes_distills_and_registers_each_stage(parent, tmp_path
     again = run_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "runs", progress=False)
     assert [r["final"] for r in again] == [r["final"] for r in results]
 
+    # any model scored on the recipe's held-out split against its parent: the same numbers as training's own
+    from distill.heldout import markdown, score
+
+    rows = score(tmp_path / "r.yaml", [str(parent["parent"]), "micro-cascade-b"])
+    assert rows[0]["val_kl"] < 1e-6 and rows[0]["val_top1_agree"] == 1.0  # the parent against itself
+    assert rows[1]["val_kl"] == pytest.approx(results[1]["final"]["val_kl"], rel=1e-5)
+    assert "| micro-cascade-b |" in markdown(rows, "r")
+
 
 def test_a_changed_recipe_rebuilds_what_it_changes(parent, tmp_path):
     recipe = _recipe(parent, name="micro-change")
