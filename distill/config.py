@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.common import Precision
 from distill.components.checkpointer import CheckpointConfig
@@ -53,6 +53,14 @@ class TrainConfig(TrainSettings):
     tokens: int = Field(gt=0, description="token budget; steps = tokens / tokens per step, rounded up")
     random_init: bool = Field(False, description="re-initialise the student's weights (the from-scratch baseline)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _answers_teacher(self) -> TrainConfig:
+        """Teacher-written data comes from this run's teacher unless a source names another model."""
+        for source in self.data.sources:
+            if source.kind == "answers" and source.teacher is None:
+                source.teacher = self.teacher
+        return self
 
 
 # Settings a resumed run may change: where it writes, how often it evaluates and checkpoints, and implementations

@@ -249,22 +249,23 @@ def _split(config: DataConfig, sources: list[list[tuple[str, list[int]]]]) -> tu
     val_needs = [need * share // max(1, sum(shares)) for share in shares]
     val_needs[-1] += need - sum(val_needs)
     val: list[int] = []
-    train: list[int] = []
+    train_docs: list[tuple[str, list[int]]] = []
     stats = []
     for docs, source, val_need in zip(ordered, config.sources, val_needs, strict=True):
         source_val: list[int] = []
-        source_train: list[int] = []
-        for _, ids in docs:
+        taken = 0
+        for name, ids in docs:
             if len(source_val) < val_need:
                 source_val.extend(ids)
-            elif source.max_tokens is None or len(source_train) < source.max_tokens:
-                source_train.extend(ids)
-        source_val = source_val[:val_need]
-        source_train = source_train[: source.max_tokens] if source.max_tokens else source_train
-        val += source_val
-        train += source_train
-        stats.append({"kind": source.kind, "documents": len(docs), "train_tokens": len(source_train),
+            elif source.max_tokens is None or taken < source.max_tokens:
+                kept = ids[: source.max_tokens - taken] if source.max_tokens else ids
+                train_docs.append((name, kept))
+                taken += len(kept)
+        val += source_val[:val_need]
+        stats.append({"kind": source.kind, "documents": len(docs), "train_tokens": taken,
                       "val_tokens": min(len(source_val), val_need)})
+    # every source's training documents in one hash order, so a max_train_tokens cap takes from each of them
+    train = [t for _, ids in sorted(train_docs, key=lambda d: rank(d[0])) for t in ids]
     return val, train, stats
 
 

@@ -95,6 +95,7 @@ class Trainer:
         self.metrics.start(self.step, elapsed)
         if self.step == 0:
             self.metrics.log({"step": 0, "tokens": 0, **self.evaluate()})
+            self.metrics.start_clock(self.step)
         self.student.train()
         final: dict[str, float] | None = None
         while self.step < self.total_steps:

@@ -225,6 +225,19 @@ def test_cli_dry_run_prints_the_plan_and_bad_recipes_exit_2(parent, tmp_path):
 # ---- data layer ----------------------------------------------------------------------------------------------
 
 
+def test_several_sources_give_validation_and_training_text_in_their_proportions():
+    from distill.data import _split
+
+    sources = [[(f"a{i}", [1] * 10) for i in range(100)], [(f"b{i}", [2] * 10) for i in range(100)]]
+    config = DataConfig(sources=[SourceConfig(kind="stdlib", max_tokens=300), SourceConfig(kind="shakespeare")],
+                        seq_len=10, val_sequences=13)
+    val, train, stats = _split(config, sources)
+    assert [s["train_tokens"] for s in stats] == [300, 1000 - 100]  # the cap; the rest after its validation share
+    assert val.count(1) == 130 * 300 // 1300 and val.count(2) == 130 - val.count(1)  # shares of the training text
+    first = train[: len(train) // 3]
+    assert first.count(1) > 0 and first.count(2) > 0  # one mixed order: a token cap takes from every source
+
+
 def test_validation_documents_are_held_out_whole(parent):
     config = DataConfig(sources=[SourceConfig(kind="files", paths=[str(parent["corpus"] / "*.py")])], seq_len=16,
                         val_sequences=4)

@@ -29,9 +29,13 @@ class MetricsLogger:
             else:
                 _truncate(self.path, step)
         self.elapsed, self._elapsed_before = elapsed, elapsed
-        self._started, self._start_step = time.perf_counter(), step
+        self.start_clock(step)
         self.bar = tqdm(total=self.total_steps, initial=step, desc=f"train {self.out.name}", unit="step",
                         disable=not self.progress or not is_rank0())
+
+    def start_clock(self, step: int) -> None:
+        """Training time counts from here (after the run's first evaluation, so tokens/s is training's alone)."""
+        self._started, self._start_step = time.perf_counter(), step
 
     def step_done(self, step: int) -> float:
         """Account for a finished step; returns tokens/s over this process's steps so far."""
