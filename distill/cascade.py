@@ -110,9 +110,7 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _answers_teacher(self) -> Recipe:
         """Teacher-written data comes from the root parent unless a source names another model."""
-        for source in self.data.sources:
-            if source.kind == "answers" and source.teacher is None:
-                source.teacher = self.parent
+        self.data.default_answers_teacher(self.parent)
         return self
 
 

@@ -57,9 +57,7 @@ class TrainConfig(TrainSettings):
     @model_validator(mode="after")
     def _answers_teacher(self) -> TrainConfig:
         """Teacher-written data comes from this run's teacher unless a source names another model."""
-        for source in self.data.sources:
-            if source.kind == "answers" and source.teacher is None:
-                source.teacher = self.teacher
+        self.data.default_answers_teacher(self.teacher)
         return self
 
 

@@ -82,6 +82,12 @@ class DataConfig(BaseModel):
     max_train_tokens: int | None = Field(None, ge=1, description="cap on packed training tokens")
     seed: int = 0
 
+    def default_answers_teacher(self, teacher: str | None) -> None:
+        """Teacher-written sources that name no model take `teacher` (a recipe's parent, a run's teacher)."""
+        for source in self.sources:
+            if source.kind == "answers" and source.teacher is None:
+                source.teacher = teacher
+
 
 def _download(requirement: str, name: str, sha256: str) -> Path:
     try:
