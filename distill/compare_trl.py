@@ -17,15 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from distill.throughput import peak_rss_gib
+
 ROOT = Path(__file__).resolve().parents[1]
 TRL = "trl==1.16.0"
-
-
-def _peak_rss_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def run_cascade(spec: dict) -> dict:
@@ -39,7 +34,7 @@ def run_cascade(spec: dict) -> dict:
     trainer.train()
     seconds = time.perf_counter() - started
     trainer.export(Path(spec["out"]) / "student")
-    return {"train_s": seconds, "tokens": trainer.step * trainer.tokens_per_step, "peak_rss_gib": _peak_rss_gib()}
+    return {"train_s": seconds, "tokens": trainer.step * trainer.tokens_per_step, "peak_rss_gib": peak_rss_gib()}
 
 
 def run_trl(spec: dict) -> dict:
@@ -87,7 +82,7 @@ def run_trl(spec: dict) -> dict:
     seconds = time.perf_counter() - started
     save_model(trainer.model, Path(spec["out"]) / "student", Path(config.student))
     return {"train_s": seconds, "tokens": steps * sampler.sequences_per_step * config.data.seq_len,
-            "peak_rss_gib": _peak_rss_gib()}
+            "peak_rss_gib": peak_rss_gib()}
 
 
 def _child(which: str, spec_path: Path) -> dict:

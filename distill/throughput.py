@@ -67,10 +67,11 @@ def measure(student: Path, teacher: Path, out: Path, steps: int, label: str, cha
     print(f"{label}: {rate:.1f} tokens/s (set-up {setup_s:.0f} s)", flush=True)
     return {"setting": label, "change": change, "tokens_per_step": tokens_per_step, "steps": steps,
             "tokens_per_s": round(rate, 1), "setup_s": round(setup_s, 1),
-            "peak_rss_gib": round(_peak_rss_gib(), 2)}
+            "peak_rss_gib": round(peak_rss_gib(), 2)}
 
 
-def _peak_rss_gib() -> float:
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM), GiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [by_label[label] for label, _ in SETTINGS if label in by_label]
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "teacher": parent.name,
             "student": f"{plans[0].stage.name} ({plans[0].target.describe()})", "steps": args.steps,
-            "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
+            "threads": torch.get_num_threads(), "machine": platform.machine()}
     write_report(rows, meta, args.out)
     return 0
 
