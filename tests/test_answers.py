@@ -109,6 +109,10 @@ def test_an_answers_source_is_made_once_checked_for_contamination_and_mixed(vllm
     assert card["prompts_by_family"] == {"knowledge": 2} and card["contamination"]["eval_examples"] > 5000
     made = out.stat().st_mtime_ns
     assert ensure_answers(source, endpoint="http://127.0.0.1:9") == out and out.stat().st_mtime_ns == made  # once
+    # the filtered file gone (the eval data changed): remade from the teacher's answers already made, no server
+    out.unlink()
+    assert ensure_answers(source, endpoint="http://127.0.0.1:9") == out and json.loads(
+        (out.parent / "card.json").read_text())["answers"] == 2
 
     # a mixture: the answers and Shakespeare, in proportions set by per-source caps; both give validation text
     data = DataConfig(sources=[source, SourceConfig(kind="shakespeare", max_tokens=3000)], seq_len=16,

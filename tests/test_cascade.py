@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -231,11 +232,33 @@ def test_several_sources_give_validation_and_training_text_in_their_proportions(
     sources = [[(f"a{i}", [1] * 10) for i in range(100)], [(f"b{i}", [2] * 10) for i in range(100)]]
     config = DataConfig(sources=[SourceConfig(kind="stdlib", max_tokens=300), SourceConfig(kind="shakespeare")],
                         seq_len=10, val_sequences=13)
-    val, train, stats = _split(config, sources)
+    val, train, stats = _split(config, sources, _words)
     assert [s["train_tokens"] for s in stats] == [300, 1000 - 100]  # the cap; the rest after its validation share
     assert val.count(1) == 130 * 300 // 1300 and val.count(2) == 130 - val.count(1)  # shares of the training text
     first = train[: len(train) // 3]
     assert first.count(1) > 0 and first.count(2) > 0  # one mixed order: a token cap takes from every source
+
+
+def _words(ids: list[int]) -> str:
+    return " ".join(f"w{i}" for i in ids)
+
+
+def test_teacher_answers_that_quote_a_held_out_document_stay_out_of_training():
+    """A prompt that quoted a held-out play (or stdlib function) carries its text into the answer's document."""
+    from distill.data import _split
+
+    fill, mark = 99_000, 99_001  # tokens no play has
+    plays = [(f"play{i}", list(range(1000 * i, 1000 * i + 200))) for i in range(4)]
+    config = DataConfig(sources=[SourceConfig(kind="answers"), SourceConfig(kind="shakespeare")], seq_len=10,
+                        val_sequences=10)
+    held, kept = [ids for _, ids in sorted(plays, key=lambda d: hashlib.sha256(f"0:{d[0]}".encode()).hexdigest())][:2]
+    filler = [(f"filler{i}", [fill, fill]) for i in range(10)]  # the answers' own validation share comes from these
+    answers = [("quotes8a", [mark, *held[50:58]]), ("quotes7a", [mark, *held[50:57]]), ("traineda", [mark, *kept[:20]])]
+    val, train, stats = _split(config, [filler + answers, plays], _words)
+    assert val.count(fill) > 0 and mark not in val  # (the hash order put fillers first; the test needs that)
+    assert stats[0]["dropped_quoting_held_out"] == 1
+    assert train.count(mark) == 2 and held[57] not in train and held[56] in train and kept[0] in train
+    assert held[0] in val
 
 
 def test_validation_documents_are_held_out_whole(parent):
