@@ -13,6 +13,7 @@ from distill.common import Precision
 from distill.components.checkpointer import CheckpointConfig
 from distill.components.evaluator import EvalConfig
 from distill.components.lr_scheduler import OptimConfig
+from distill.components.rollouts import OnPolicyConfig
 from distill.data import DataConfig
 from distill.losses import LossConfig
 
@@ -21,9 +22,10 @@ FUSED_MIN_VOCAB = 65536  # Mistral's 131k Tekken vocabulary: where [tokens x voc
 
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    objective: Literal["kd"] = Field(
+    objective: Literal["kd", "gkd"] = Field(
         "kd", description="the loss module over the shared loop (distill/objectives/): kd = KD from the teacher "
-                          "(+ optional cross-entropy; cross-entropy only without a teacher)")
+                          "on the data (+ optional cross-entropy; cross-entropy only without a teacher); gkd = "
+                          "on-policy KD on the student's own samples for a share `on_policy.mix` of the steps")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     precision: Precision = Field(
@@ -33,6 +35,7 @@ class TrainSettings(BaseModel):
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    on_policy: OnPolicyConfig = OnPolicyConfig()
     teacher_top_k: int | None = Field(None, ge=1, description="distill from a cache of the teacher's top-k log-probs "
                                       "+ a tail bucket (computed once, reused across runs) instead of running it")
     fused_loss: Literal["auto", "on", "off"] = Field(
@@ -42,6 +45,19 @@ class TrainSettings(BaseModel):
     attention: Literal["sdpa", "cascade"] = Field(
         "sdpa", description="cascade: our Triton attention (kernels/attention.py) for student and teacher; needs a "
                             "CUDA GPU, or TRITON_INTERPRET=1 on CPU (correct but very slow)")
+
+    @model_validator(mode="after")
+    def _on_policy(self) -> TrainSettings:
+        if self.objective != "gkd":
+            return self
+        if self.teacher_top_k is not None:
+            raise ValueError("objective gkd scores the student's own samples: it needs a live teacher, not "
+                             "teacher_top_k (a cache of the teacher on the data)")
+        if self.checkpoint.every % self.on_policy.sync_every:
+            raise ValueError(f"checkpoint.every ({self.checkpoint.every}) must be a multiple of "
+                             f"on_policy.sync_every ({self.on_policy.sync_every}): a resumed run must sample from "
+                             "the weights the interrupted one would have")
+        return self
 
 
 class TrainConfig(TrainSettings):
@@ -58,6 +74,17 @@ class TrainConfig(TrainSettings):
     def _answers_teacher(self) -> TrainConfig:
         """Teacher-written data comes from this run's teacher unless a source names another model."""
         self.data.default_answers_teacher(self.teacher)
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_run(self) -> TrainConfig:
+        if self.objective != "gkd":
+            return self
+        if self.teacher is None:
+            raise ValueError("objective gkd needs a teacher to score the student's samples")
+        p, n, seq = self.on_policy.prompt_tokens, self.on_policy.new_tokens or 1, self.data.seq_len
+        if p + n > seq:
+            raise ValueError(f"on_policy.prompt_tokens + new_tokens ({p} + {n}) must fit in data.seq_len ({seq})")
         return self
 
 

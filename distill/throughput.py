@@ -39,6 +39,10 @@ SETTINGS: list[tuple[str, dict]] = [
     ("fused linear loss, seq 128 x 16", {"fused_loss": "on", "batch_size": 16}),
     ("offline teacher (top-64 cache)", {"teacher_top_k": 64}),
     ("seq 512 x 2, offline teacher", {"seq_len": 512, "batch_size": 2, "teacher_top_k": 64}),
+    # on-policy: each step samples 192 tokens after a 64-token prompt per row through vLLM (a child process) and
+    # pushes the weights first; tokens/step counts whole rows like the others, the loss covers the sampled part
+    ("on-policy gkd (mix 1), fused, seq 256 x 4", {"objective": "gkd", "fused_loss": "on", "seq_len": 256,
+                                                   "batch_size": 4, "on_policy": {"prompt_tokens": 64}}),
 ]
 
 

@@ -98,22 +98,25 @@ class Trainer:
             self.metrics.start_clock(self.step)
         self.student.train()
         final: dict[str, float] | None = None
-        while self.step < self.total_steps:
-            lr = lr_at(self.step, self.total_steps, self.config.optim)
-            set_lr(self.optimizer, lr)
-            means = self._forward_backward()
-            grad_norm = self._clip_and_check(means["loss"], last_good)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            record = {"step": self.step, "tokens": self.step * self.tokens_per_step, **means, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": self.metrics.step_done(self.step)}
-            if self.evaluator.due(self.step, self.total_steps):
-                final = self.evaluate()
-                record |= final
-            self.metrics.log(record)
-            if self.checkpointer.due(self.step, self.total_steps):
-                last_good = self._save()
+        try:
+            while self.step < self.total_steps:
+                lr = lr_at(self.step, self.total_steps, self.config.optim)
+                set_lr(self.optimizer, lr)
+                means = self._forward_backward()
+                grad_norm = self._clip_and_check(means["loss"], last_good)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                record = {"step": self.step, "tokens": self.step * self.tokens_per_step, **means, "lr": lr,
+                          "grad_norm": grad_norm, "tokens_per_s": self.metrics.step_done(self.step)}
+                if self.evaluator.due(self.step, self.total_steps):
+                    final = self.evaluate()
+                    record |= final
+                self.metrics.log(record)
+                if self.checkpointer.due(self.step, self.total_steps):
+                    last_good = self._save()
+        finally:
+            self.objective.close()  # e.g. its rollout engine
         self.metrics.close(f"{self.config.objective} {self.out.name}")
         return final if final is not None else self.evaluate()  # a finished run resumed: evaluate what is there
 
@@ -124,7 +127,7 @@ class Trainer:
             rows = self.sampler.indices(self.step, micro, self.rank)
             ids = self.train_rows[rows].to(self.device)
             with autocast(self.config.precision, self.device):
-                loss, metrics = self.objective(self.student, rows, ids)
+                loss, metrics = self.objective(self.student, rows, ids, self.step)
             (loss / self.config.grad_accum).backward()
             n = metrics["tokens"].double()
             for name, value in {"loss": loss.detach(), **metrics}.items():

@@ -36,17 +36,22 @@ class Distillation:
         source = "cached top-k teacher" if self.cache else "live teacher" if self.teacher else "no teacher"
         return f"kd ({source}; {'fused linear' if self.fused else 'chunked (checkpointed)'} loss)"
 
-    def __call__(self, student: Student, rows: torch.Tensor, ids: torch.Tensor
+    def __call__(self, student: Student, rows: torch.Tensor, ids: torch.Tensor, step: int = 0
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         teacher_hidden, teacher_head = self.teacher(ids) if self.teacher is not None else (None, None)
         topk = tuple(t.to(self.device) for t in self.cache.lookup(rows)) if self.cache is not None else None
         return student(ids, self._head_loss, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                        teacher_topk=topk)
 
+    def close(self) -> None:
+        """Nothing to stop: the teacher lives in this process."""
+
     def _head_loss(self, hidden: torch.Tensor, head: torch.Tensor, ids: torch.Tensor,
                    teacher_hidden: torch.Tensor | None, teacher_head: torch.Tensor | None,
-                   teacher_topk: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        labels = ids[:, 1:].reshape(-1)  # [B*(T-1)]: position t predicts token t+1
+                   teacher_topk: tuple[torch.Tensor, ...] | None, labels: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if labels is None:
+            labels = ids[:, 1:].reshape(-1)  # [B*(T-1)]: position t predicts token t+1
         flat_teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
         return distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, labels, self.config.loss, flat_teacher,
                             teacher_head, teacher_topk, fused=self.fused)  # type: ignore[arg-type]
