@@ -14,7 +14,7 @@ from pathlib import Path
 
 from eval.harness import EvalError, Target, check_endpoint, go_offline, run_suite, served
 from eval.report import RunReport, rows_from, run_markdown, write_comparison, write_run, write_samples
-from eval.suites import DEFAULT_SUITE, SUITES, Suite, get_suite
+from eval.suites import DEFAULT_SUITE, SUITES, Suite, get_suite, suite_digest
 from models.registry import DEFAULT_MODEL, ModelSpec, cascade_home, get_model
 
 log = logging.getLogger("eval")
@@ -121,7 +121,8 @@ def evaluate(args: argparse.Namespace, model: str, suite: Suite, out_dir: Path,
     params = count_parameters(spec.checkpoint_dir) if spec and is_complete(spec.checkpoint_dir) else None
     report = RunReport(model=model if spec is None else spec.name, suite=suite.name, mode=target.describe(),
                        params=params, date=datetime.now(UTC).isoformat(timespec="seconds"), limit=limit,
-                       seconds=round(time.monotonic() - start, 1), rows=rows_from(result), versions=_versions())
+                       seconds=round(time.monotonic() - start, 1), rows=rows_from(result), versions=_versions(),
+                       data=suite_digest(suite))
     samples = dict((result.lm_eval or {}).get("samples", {}))
     samples |= {name: out["samples"] for name, out in result.server_checks.items()}
     for path in write_run(report, out_dir):
@@ -165,7 +166,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if existing.is_file() and not args.rerun:
             report = RunReport.from_json(existing.read_text())
             same_mode = report.mode.startswith(args.mode)
-            if report.suite == suite.name and report.limit == _limit(args, suite) and same_mode:
+            same_data = report.data == suite_digest(suite)  # a changed generator or prompt runs again
+            if report.suite == suite.name and report.limit == _limit(args, suite) and same_mode and same_data:
                 log.info("[%d/%d] %s: reusing %s", i, len(models), model, existing)
                 reports.append(report)
                 continue

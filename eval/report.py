@@ -34,6 +34,7 @@ class RunReport:
     seconds: float
     rows: list[Row] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    data: str = ""  # eval.suites.suite_digest: the tasks and data this run scored ("" in reports made before it)
 
     def primary_rows(self) -> dict[str, Row]:
         """One row per task: its first higher-is-better metric (what the plots and the comparison show)."""

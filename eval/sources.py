@@ -48,7 +48,8 @@ def prepare_files(relpaths: Iterable[str]) -> dict[str, Path]:
     for rel in wanted:
         if ".." in Path(rel).parts or Path(rel).is_absolute():
             raise SourceError(f"data file {rel!r} must be a relative path inside the data cache")
-    missing = [rel for rel, path in wanted.items() if not path.is_file()]
+    # generated files are made every time (milliseconds) and rewritten when their generator changed
+    missing = [rel for rel, path in wanted.items() if not path.is_file() or rel.startswith("generated/")]
     bigbench = {rel: _bigbench_task_name(rel) for rel in missing if rel.startswith("bigbench/")}
     for rel in missing:
         if rel.startswith("bigbench/"):
@@ -56,7 +57,9 @@ def prepare_files(relpaths: Iterable[str]) -> dict[str, Path]:
         if rel == "humaneval/HumanEval.jsonl":
             _write_jsonl(wanted[rel], humaneval_problems())
         elif rel.startswith("generated/"):
-            _write_jsonl(wanted[rel], generated_examples(Path(rel).name.removesuffix(".jsonl")))
+            examples = generated_examples(Path(rel).name.removesuffix(".jsonl"))
+            if not wanted[rel].is_file() or _jsonl_text(examples) != wanted[rel].read_text(encoding="utf-8"):
+                _write_jsonl(wanted[rel], examples)
         else:
             raise SourceError(f"no source makes {rel!r}: known are generated/<task>.jsonl, bigbench/<task>.jsonl and "
                               "humaneval/HumanEval.jsonl")
@@ -139,7 +142,11 @@ def humaneval_problems() -> list[dict[str, Any]]:
     return [json.loads(line) for line in gzip.decompress(raw).decode().splitlines() if line.strip()]
 
 
+def _jsonl_text(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """Atomic: a crash never leaves a half-written data file that a later run would trust."""
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    write_text_atomic(path, _jsonl_text(rows))
     log.info("wrote %s (%d rows)", path, len(rows))

@@ -66,3 +66,21 @@ def task_configs(names: tuple[str, ...]) -> list[dict[str, Any]]:
         config["dataset_kwargs"] = {**config["dataset_kwargs"],
                                     "data_files": {split: str(files[rel]) for split, rel in data_files.items()}}
     return configs
+
+
+def suite_digest(suite: Suite) -> str:
+    """What a run of `suite` scored: its task YAMLs, their data files and its server checks. A report made with
+    another digest is not reused (a generator or a prompt changed)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for config, name in zip(task_configs(suite.tasks), suite.tasks, strict=True):
+        digest.update((TASKS_DIR / f"{name}.yaml").read_bytes())
+        for path in sorted(config["dataset_kwargs"]["data_files"].values()):
+            digest.update(Path(path).read_bytes())
+    for name in ("tool_calls.json", "reasoning.json"):
+        if suite.server_checks and (TASKS_DIR / name).is_file():
+            digest.update((TASKS_DIR / name).read_bytes())
+    digest.update(",".join(suite.server_checks).encode())
+    return digest.hexdigest()[:16]
+

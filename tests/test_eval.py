@@ -60,6 +60,22 @@ def test_every_suite_task_loads_with_its_data() -> None:
         assert path.is_absolute() and path.stat().st_size > 0, config["task"]
 
 
+def test_a_changed_generator_remakes_its_data_and_changes_the_suite_digest(tmp_path, monkeypatch) -> None:
+    """compare reuses a model's report only while the suite scores the same data (eval.suites.suite_digest)."""
+    from eval import generated
+    from eval.suites import suite_digest
+
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path))
+    smoke = SUITES["smoke"]
+    before = suite_digest(smoke)
+    path = prepare_files(["generated/arithmetic_1_digit_addition.jsonl"])["generated/arithmetic_1_digit_addition.jsonl"]
+    path.write_text('{"input": "stale"}\n')
+    assert suite_digest(smoke) == before and "stale" not in path.read_text()  # remade from its generator
+    make = generated.GENERATORS["arithmetic_1_digit_addition"]
+    monkeypatch.setitem(generated.GENERATORS, "arithmetic_1_digit_addition", lambda: make()[:50])
+    assert suite_digest(smoke) != before
+
+
 def test_unknown_tasks_are_named() -> None:
     with pytest.raises(SourceError, match="no generated task 'not_a_task'; known: arithmetic_1_digit_addition"):
         prepare_files(["generated/not_a_task.jsonl"])
