@@ -25,7 +25,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model gguf serve test lint bench-serve distill chat-data corpus bench-distill bench-distill-speed bench-distill-trl bench-kernels eval eval-report clean
+.PHONY: install model gguf serve test lint bench-serve distill chat-data corpus bench-distill distill-results bench-distill-speed bench-distill-trl bench-kernels eval eval-report clean
 
 install: $(STAMP)
 
@@ -82,9 +82,15 @@ chat-data: model
 	$(PY) -m distill answers $(CHAT_PROMPTS) $(CHAT_DATA) --teacher $(MODEL) $(ANSWERS_ARGS)
 
 # Baselines around the recipe (prune only, prune + CE, random init + CE, one-shot vs iterative) at equal tokens;
-# writes docs/distill-results.md and docs/distill/*.png. Runs the recipe first if needed.
+# writes docs/distill/<recipe>/{results.md,*.png,results.json}. Runs the recipe first if needed.
 bench-distill: $(STAMP)
 	$(PY) -m distill.bench --recipe $(RECIPE)
+
+# docs/distill-results.md: the long recipe's students and the default recipe's on held-out general text (scored here,
+# a few minutes a model) and the abilities suite (`make eval-report SUITE=abilities` first), with the iterative vs
+# one-shot, TRL and throughput tables the other benchmarks wrote.
+distill-results: $(STAMP)
+	$(PY) -m distill.results --score
 
 # Training tokens/s per setting (sequence length, batch, bf16, fused loss, offline teacher) on the real teacher and its
 # first pruned student -> docs/bench/distill-throughput.md (about 15 minutes on 2 cores).

@@ -10,7 +10,8 @@ and for the last stage: one-shot pruning from the parent straight to that size, 
 token budget (every stage's tokens), against the cascade's iterative path. Before any training, the pruning choices
 themselves (which axes, which importance score, how a tied head is handled) are compared zero-shot at the first
 stage's size, from the parent's one calibration pass.
-Writes docs/distill-results.md (tables), docs/distill/*.png (validation curves) and a JSON of every number.
+Writes docs/distill/<recipe>/results.md (tables), its *.png (validation curves) and results.json (every number);
+docs/distill-results.md (distill/results.py) puts the recipes' headline numbers side by side.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from distill.model_io import load_config
 from distill.plan import Architecture, Axis, FfnScore, LayerScore, PlanError, TiedEmbeddings, plan_architecture
 from distill.plots import plot_curves
 from distill.train import Trainer
-from models.checkpoint import is_prepared
+from models.checkpoint import is_prepared, write_text_atomic
 from models.registry import cascade_home
 
 log = logging.getLogger(__name__)
@@ -273,8 +274,12 @@ def _than(a: float, b: float) -> str:
     return "lower" if a < b else "higher" if a > b else "equal"
 
 
+def report_dir(docs: Path, recipe: str) -> Path:
+    return docs / "distill" / recipe
+
+
 def write_report(result: dict, curves: dict, docs: Path) -> None:
-    figures = docs / "distill"
+    figures = report_dir(docs, result["recipe"])
     figures.mkdir(parents=True, exist_ok=True)
     for name, series in curves.items():
         metric = "KL(parent || student), nats/token" if name == "iterative-vs-one-shot" else "val cross-entropy"
@@ -301,11 +306,9 @@ def write_report(result: dict, curves: dict, docs: Path) -> None:
             second = row["architecture"] if per_row else f"{row['tokens']:,}"
             lines.append(f"| {row['variant']} | {second} | {row['val_ppl']:.1f} | {kl} | {top1} |")
         lines.append("")
-    lines += ["## Curves", ""] + [f"![{name}](distill/{name}.png)" for name in curves] + [""]
-    tmp = docs / ".distill-results.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(docs / "distill-results.md")
-    (figures / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines += ["## Curves", ""] + [f"![{name}]({name}.png)" for name in curves] + [""]
+    write_text_atomic(figures / "results.md", "\n".join(lines))
+    write_text_atomic(figures / "results.json", json.dumps(result, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print((args.docs / "distill-results.md").read_text())
+    print((report_dir(args.docs, result["recipe"]) / "results.md").read_text())
     return 0 if result else 1
 
 

@@ -138,7 +138,7 @@ def test_bench_reports_every_baseline_at_equal_tokens(parent, tmp_path, monkeypa
     for stage, name in zip(recipe["stages"], ("micro-bench-a", "micro-bench-b"), strict=True):
         stage["name"] = name
     result = run(_write(recipe, tmp_path / "bench.yaml"), tmp_path / "docs")
-    report = (tmp_path / "docs" / "distill-results.md").read_text()
+    report = (tmp_path / "docs" / "distill" / "micro-bench" / "results.md").read_text()
     choices, first, second, iterative = result["stages"]
     assert choices["rows"][0]["variant"] == "FFN + depth (default)" and len(choices["rows"]) >= 6
     assert all(r["tokens"] == 0 for r in choices["rows"])
@@ -152,15 +152,16 @@ def test_bench_reports_every_baseline_at_equal_tokens(parent, tmp_path, monkeypa
     assert "one-shot prune + distill (3,840 tokens)" in report
     assert report.count("Minitron's claim") == 2 and "Iterative vs one-shot at" in report
     for name in ("micro-bench-a", "micro-bench-b", "iterative-vs-one-shot"):
-        assert (tmp_path / "docs" / "distill" / f"{name}.png").stat().st_size > 10_000
-    assert json.loads((tmp_path / "docs" / "distill" / "results.json").read_text())["recipe"] == "micro-bench"
+        assert (tmp_path / "docs" / "distill" / "micro-bench" / f"{name}.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "docs" / "distill" / "micro-bench" / "results.json").read_text())["recipe"] == (
+        "micro-bench")
 
     # --only-iterative: the same cascade (already trained: nothing reruns) against one-shot pruning, nothing else
     only = run(_write(recipe, tmp_path / "bench.yaml"), tmp_path / "docs-iterative", only_iterative=True)
     first, second, iterative_again = only["stages"]
     assert [r["variant"] for r in first["rows"]] == ["pruned only", "prune + distill"]
     assert iterative_again["rows"] == iterative["rows"]
-    assert "baselines not run" in (tmp_path / "docs-iterative" / "distill-results.md").read_text()
+    assert "baselines not run" in (tmp_path / "docs-iterative" / "distill" / "micro-bench" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "distill" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
