@@ -63,34 +63,40 @@ def test_the_mix_is_a_seeded_share_of_steps():
     assert 0.45 < sum(d < 0.5 for d in draws) / len(draws) < 0.55
 
 
-def test_the_student_learns_from_the_teacher_on_its_own_vllm_samples(micro, tmp_path):
-    trainer = Trainer(_config(micro, tmp_path / "run"), progress=False)
-    assert isinstance(trainer.objective, OnPolicyDistillation)
-    seen: list[torch.Tensor] = []
-    sample = trainer.objective._samples
+@pytest.fixture(scope="module")
+def whole(micro: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted on-policy run (its vLLM engine starts once for the tests that read it)."""
+    out = tmp_path_factory.mktemp("whole")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CASCADE_HOME", str(micro["home"]))
+        trainer = Trainer(_config(micro, out / "run"), progress=False)
+        assert isinstance(trainer.objective, OnPolicyDistillation)
+        seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        sample = trainer.objective._samples
 
-    def keep(rows, ids, step):
-        samples, labels = sample(rows, ids, step)
-        seen.append(samples.cpu())
+        def keep(rows, ids, step):
+            samples, labels = sample(rows, ids, step)
+            seen.append((ids.cpu(), samples.cpu(), labels.view(len(ids), -1).cpu()))
+            return samples, labels
+
+        trainer.objective._samples = keep
+        final = trainer.train()  # the first two weight pushes check the engine's log-probs against the trainer's
+    return {"trainer": trainer, "final": final, "seen": seen, "metrics": read_metrics(out / "run" / "metrics.jsonl")}
+
+
+def test_the_student_learns_from_the_teacher_on_its_own_vllm_samples(whole):
+    for ids, samples, targets in whole["seen"]:
         assert torch.equal(samples[:, :16], ids[:, :16])  # the prompt is the row's start
-        targets = labels.view(len(ids), -1)
         assert (targets[:, :15] == -100).all()  # prompt positions are context, not targets
         assert ((targets[:, 15:] != -100).sum(-1) > 0).all()
-        return samples, labels
-
-    trainer.objective._samples = keep
-    final = trainer.train()  # the first weight push checks the engine's log-probs against the trainer's (1e-3)
-    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    metrics = whole["metrics"]
     steps = [m for m in metrics if m["step"] > 0 and "loss" in m]
     assert len(steps) == 6 and all(m["on_policy"] == 1.0 and m["sample_tokens"] > 0 for m in steps)
-    assert final["val_kl"] < metrics[0]["val_kl"]  # learning on its own samples moves it toward the teacher
-    assert not torch.equal(seen[0][:, 16:], seen[-1][:, 16:])  # the samples change as the weights do
-    assert trainer.objective.engine is None  # stopped with the run
+    assert whole["final"]["val_kl"] < metrics[0]["val_kl"]  # learning on its own samples moves it to the teacher
+    assert whole["trainer"].objective.pushes == 6 and whole["trainer"].objective.engine is None  # stopped with it
 
 
-def test_an_interrupted_on_policy_run_resumes_onto_the_same_samples(micro, tmp_path, monkeypatch):
-    whole = Trainer(_config(micro, tmp_path / "whole"), progress=False).train()
-
+def test_an_interrupted_on_policy_run_resumes_onto_the_same_samples(micro, whole, tmp_path, monkeypatch):
     save = Checkpointer.save
 
     def save_then_die(self, step, *args, **kwargs):
@@ -104,11 +110,26 @@ def test_an_interrupted_on_policy_run_resumes_onto_the_same_samples(micro, tmp_p
         Trainer(_config(micro, tmp_path / "cut"), progress=False).train()
     monkeypatch.setattr(Checkpointer, "save", save)
     resumed = Trainer(_config(micro, tmp_path / "cut"), progress=False).train(resume=True)
-    a = [m for m in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "loss" in m]
+    a = [m for m in whole["metrics"] if "loss" in m]
     b = [m for m in read_metrics(tmp_path / "cut" / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in a] == [m["step"] for m in b]
     assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=1e-5)
-    assert whole["val_kl"] == pytest.approx(resumed["val_kl"], rel=1e-5)
+    assert whole["final"]["val_kl"] == pytest.approx(resumed["val_kl"], rel=1e-5)
+
+
+def test_an_engine_that_kept_old_weights_stops_the_run(micro, tmp_path):
+    trainer = Trainer(_config(micro, tmp_path / "run"), progress=False)
+    objective = trainer.objective
+    try:
+        objective._sync(trainer.student, 0)  # starts the engine; its weights are the student's
+        with torch.no_grad():
+            for p in trainer.student.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        objective.engine.load = lambda state, dtype: 0.0  # a weight push that changes nothing
+        with pytest.raises(RuntimeError, match="log-probs differ from the trainer's"):
+            objective._sync(trainer.student, 1)
+    finally:
+        objective.close()
 
 
 def test_mix_zero_is_plain_distillation_and_starts_no_engine(micro, tmp_path):

@@ -42,6 +42,7 @@ class OnPolicyDistillation(Distillation):
         self.precision = resolve_precision(config.precision, on)
         self.engine: RolloutEngine | None = None  # started at the first on-policy step
         self.synced_step: int | None = None
+        self.pushes = 0
         self.probe = train_rows[0, : min(64, train_rows.shape[1] - 1)].tolist()  # + 1 generated <= max_len
 
     def describe(self) -> str:
@@ -78,19 +79,19 @@ class OnPolicyDistillation(Distillation):
         if self.synced_step is not None and (step == self.synced_step or step % every):
             return
         state = {k.removeprefix("lm."): v for k, v in full_model_state(student).items()}
-        first = self.engine is None
-        if first:
+        if self.engine is None:
             self.engine = RolloutEngine(Path(self.config.student), self.config.data.seq_len, self.precision,
                                         self.settings.kv_cache_gib, self.config.seed, _eos(self.config.student))
         dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float32
         seconds = self.engine.load(state, dtype)  # type: ignore[union-attr]
-        self.synced_step = step
+        self.synced_step, self.pushes = step, self.pushes + 1
         log.debug("rollouts: weights pushed at step %d in %.1f s", step, seconds)
-        if first:
+        if self.pushes <= 2:  # the start, and the first push of trained weights (a reload that did nothing fails)
             self._check_probe(student)
 
     def _check_probe(self, student: Student) -> None:
-        """The engine must compute the trainer's log-probs, or the samples are not the student's."""
+        """The engine must compute the trainer's log-probs, or the samples are not the student's (checked on the
+        first two pushes: the second carries trained weights, so a reload that changed nothing is caught)."""
         engine = torch.tensor(self.engine.prompt_logprobs(self.probe))  # type: ignore[union-attr]
         ids = torch.tensor([self.probe], device=self.device)
         with torch.no_grad():
