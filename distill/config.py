@@ -82,8 +82,11 @@ class TrainConfig(TrainSettings):
             return self
         if self.teacher is None:
             raise ValueError("objective gkd needs a teacher to score the student's samples")
-        p, n, seq = self.on_policy.prompt_tokens, self.on_policy.new_tokens or 1, self.data.seq_len
-        if p + n > seq:
+        p, n, seq = self.on_policy.prompt_tokens, self.on_policy.new_tokens, self.data.seq_len
+        if n is None and p >= seq:
+            raise ValueError(f"on_policy.prompt_tokens ({p}) must leave room for sampled tokens in data.seq_len "
+                             f"({seq})")
+        if n is not None and p + n > seq:
             raise ValueError(f"on_policy.prompt_tokens + new_tokens ({p} + {n}) must fit in data.seq_len ({seq})")
         return self
 

@@ -51,6 +51,8 @@ def test_on_policy_settings_are_checked_before_any_work(micro, tmp_path):
         _config(micro, tmp_path, checkpoint={"every": 3}, on_policy={"sync_every": 2})
     with pytest.raises(ValueError, match=r"prompt_tokens \+ new_tokens \(16 \+ 40\) must fit in data.seq_len"):
         _config(micro, tmp_path, on_policy={"prompt_tokens": 16, "new_tokens": 40})
+    with pytest.raises(ValueError, match=r"prompt_tokens \(64\) must leave room for sampled tokens"):
+        _config(micro, tmp_path, on_policy={"new_tokens": None})
     with pytest.raises(ValueError, match="needs a teacher"):
         _config(micro, tmp_path, teacher=None)
     with pytest.raises(ValueError, match="mix"):
@@ -133,7 +135,8 @@ def test_an_engine_that_kept_old_weights_stops_the_run(micro, tmp_path):
 
 
 def test_mix_zero_is_plain_distillation_and_starts_no_engine(micro, tmp_path):
-    trainer = Trainer(_config(micro, tmp_path / "run", tokens=48 * 4 * 2, on_policy={"mix": 0.0}), progress=False)
+    trainer = Trainer(_config(micro, tmp_path / "run", tokens=48 * 4 * 2, on_policy={"mix": 0.0, "prompt_tokens": 16}),
+                      progress=False)
     trainer.train()
     assert trainer.objective.engine is None
     assert all(m.get("on_policy", 0.0) == 0.0 for m in read_metrics(tmp_path / "run" / "metrics.jsonl"))
