@@ -115,7 +115,29 @@ def heldout_table(docs: Path) -> list[str]:
         lines.append(f"| {name} | `{recipe}` | {r['val_ppl']:.2f} | {ratio:.2f}x | {r['val_kl']:.3f} | "
                      f"{r['val_top1_agree']:.3f} | {_mean(mean)} | {'-' if share is None else f'{share:.0%}'} | "
                      f"≤ {ppl_target}x, ≥ {share_target:.0%} | {met} |")
-    return [*lines, ""]
+    return [*lines, "", *_verdicts(docs, by_model, teacher["val_ppl"], t_mean), ""]
+
+
+def _verdicts(docs: Path, by_model: dict, teacher_ppl: float, t_mean: tuple[float, int] | None) -> list[str]:
+    """One line per measured student: each target met or missed, and where its abilities fell furthest."""
+    from eval.report import RunReport
+
+    path = docs / "eval" / "abilities" / TEACHER / "report.json"
+    teacher_rows = RunReport.from_json(path.read_text()).primary_rows() if path.is_file() else {}
+    lines = []
+    for name, _, ppl_target, share_target in STUDENTS:
+        r, mean = by_model.get(name), abilities_mean(docs, name)
+        if r is None or mean is None or t_mean is None:
+            continue
+        ratio, share = r["val_ppl"] / teacher_ppl, mean[0] / t_mean[0]
+        student_path = docs / "eval" / "abilities" / name / "report.json"
+        rows = RunReport.from_json(student_path.read_text()).primary_rows()
+        task = max(teacher_rows, key=lambda t: teacher_rows[t].value - rows[t].value if t in rows else 0)
+        lines.append(f"- {name}: perplexity {ratio:.2f}x the teacher's (target ≤ {ppl_target}x: "
+                     f"{'met' if ratio <= ppl_target else 'missed'}); abilities {share:.0%} of the teacher's mean "
+                     f"(target ≥ {share_target:.0%}: {'met' if share >= share_target else 'missed'}); furthest "
+                     f"behind on {task} ({teacher_rows[task].value:.2f} -> {rows[task].value:.2f}).")
+    return lines
 
 
 def _mean(mean: tuple[float, int] | None) -> str:
