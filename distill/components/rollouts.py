@@ -6,8 +6,9 @@ keeps its KV cache and CUDA graphs apart from the trainer's allocator. The child
 (VLLM_ENABLE_V1_MULTIPROCESSING=0: no third process, no busy-polling engine core), waits on a pipe, and does one
 thing at a time: generate, reload weights, score a probe. Weights travel as one safetensors file in shared memory
 (/dev/shm) and go in through vLLM's in-place `reload_weights` (the model's own checkpoint-name loader, so fused
-qkv/gate-up layouts are handled as at start). After the first reload the engine's log-probs of a probe sequence are
-compared with the trainer's: a silent mismatch (the pain point TRL and OpenRLHF users hit) stops the run.
+qkv/gate-up layouts are handled as at start; a tied head is re-processed after it, see `_refresh_tied_head`). On the
+first two pushes the objective compares the engine's log-probs of a probe sequence with the trainer's: a silent
+mismatch (the pain point TRL and OpenRLHF users hit; it caught the tied-head bug here) stops the run.
 
 Sampling uses temperature only (top-p 1, no top-k: a truncated support biases the samples; TRL#6789) and one seed per
 sequence derived from (run seed, step, row), so a resumed run draws the same samples.
@@ -46,7 +47,7 @@ class OnPolicyConfig(BaseModel):
                             "checkpoint.every must be a multiple, so a resumed run samples from the same weights")
     kv_cache_gib: float = Field(1.0, gt=0, description="the engine's KV cache")
     probe_tolerance: float | None = Field(None, gt=0, description="largest mean |log-prob| difference between "
-                                          "engine and trainer on the probe after the first reload (default: 1e-3 "
+                                          "engine and trainer on the probe after the first two pushes (default: 1e-3 "
                                           "in float32, 0.05 in bfloat16)")
 
 

@@ -74,9 +74,11 @@ class OnPolicyDistillation(Distillation):
             self.engine = None
 
     def _sync(self, student: Student, step: int) -> None:
-        """Push the student's weights when `sync_every` steps have passed (every rank gathers its full copy)."""
+        """Push the student's weights when the engine's are older than the last multiple of `sync_every` (every
+        rank gathers its full copy). Checkpoints fall on those multiples, so a resumed run pushes exactly where the
+        interrupted one would have, with or without off-policy steps in between."""
         every = self.settings.sync_every
-        if self.synced_step is not None and (step == self.synced_step or step % every):
+        if self.synced_step is not None and self.synced_step >= step // every * every:
             return
         state = {k.removeprefix("lm."): v for k, v in full_model_state(student).items()}
         if self.engine is None:
