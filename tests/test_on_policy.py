@@ -12,7 +12,7 @@ from distill.components.checkpointer import Checkpointer
 from distill.components.metrics import read_metrics
 from distill.config import TrainConfig
 from distill.data import DataConfig, SourceConfig
-from distill.objectives.on_policy import OnPolicyDistillation, _uniform
+from distill.objectives.on_policy import OnPolicyDistillation, _uniform, push_due
 from distill.train import Trainer
 from tests.distill_micro import write_corpus, write_micro_checkpoint
 
@@ -57,6 +57,23 @@ def test_on_policy_settings_are_checked_before_any_work(micro, tmp_path):
         _config(micro, tmp_path, teacher=None)
     with pytest.raises(ValueError, match="mix"):
         _config(micro, tmp_path, on_policy={"mix": 1.5})
+
+
+def _pushes(on_policy_steps: list[int], every: int, start: int = 0) -> list[int]:
+    synced, pushed = None, []
+    for step in on_policy_steps:
+        if step >= start and push_due(synced, step, every):
+            synced = step
+            pushed.append(step)
+    return pushed
+
+
+def test_weights_are_pushed_where_a_resumed_run_pushes_them_too():
+    steps = [0, 1, 2, 5, 6, 7, 9, 13, 14]  # the on-policy steps of a run with mix < 1
+    assert _pushes(steps, 1) == steps
+    assert _pushes(steps, 4) == [0, 5, 9, 13]  # the first on-policy step at or after each multiple of 4
+    for checkpoint in (4, 8, 12):  # checkpoints fall on multiples of sync_every
+        assert _pushes(steps, 4, start=checkpoint) == [s for s in _pushes(steps, 4) if s >= checkpoint]
 
 
 def test_the_mix_is_a_seeded_share_of_steps():

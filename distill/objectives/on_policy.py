@@ -77,8 +77,7 @@ class OnPolicyDistillation(Distillation):
         """Push the student's weights when the engine's are older than the last multiple of `sync_every` (every
         rank gathers its full copy). Checkpoints fall on those multiples, so a resumed run pushes exactly where the
         interrupted one would have, with or without off-policy steps in between."""
-        every = self.settings.sync_every
-        if self.synced_step is not None and self.synced_step >= step // every * every:
+        if not push_due(self.synced_step, step, self.settings.sync_every):
             return
         state = {k.removeprefix("lm."): v for k, v in full_model_state(student).items()}
         if self.engine is None:
@@ -123,6 +122,12 @@ class OnPolicyDistillation(Distillation):
             # position t predicts token t+1: the sampled tokens are targets from position P-1 on
             labels[i, self.prompt_tokens - 1: len(sequence) - 1] = torch.tensor(out)
         return samples.to(self.device), labels.reshape(-1).to(self.device)
+
+
+def push_due(synced_step: int | None, step: int, every: int) -> bool:
+    """Whether an on-policy `step` must push weights first: the engine has none yet, or holds weights older than the
+    last multiple of `every` (the steps at which an uninterrupted run and a resumed one both hold fresh weights)."""
+    return synced_step is None or synced_step < step // every * every
 
 
 def _uniform(seed: int, *key: object) -> float:
