@@ -179,13 +179,16 @@ def test_every_trainer_setting_is_reachable_from_a_recipe(parent, tmp_path):
                 "optim": {"lr": 1e-3, "min_lr_ratio": 0.2, "warmup_fraction": 0.1, "weight_decay": 0.0,
                           "betas": [0.8, 0.9], "grad_clip": 0.5},
                 "eval": {"every": 7}, "checkpoint": {"every": 4, "keep": 3}, "teacher_top_k": 16,
-                "fused_loss": "off", "attention": "sdpa"}
+                "fused_loss": "off", "attention": "sdpa",
+                "on_policy": {"mix": 0.5, "prompt_tokens": 8, "new_tokens": 8, "temperature": 0.7, "sync_every": 2,
+                              "kv_cache_gib": 0.5, "probe_tolerance": 0.01}}
     assert set(settings) == set(TrainSettings.model_fields)
     recipe = load_recipe(_write(_recipe(parent, train=settings), tmp_path / "r.yaml"))
     run = train_config(recipe.train, student=tmp_path, out_dir=tmp_path, data=recipe.data, tokens=10)
     dumped = run.model_dump(mode="json")
     assert {k: dumped[k] for k in settings} == TrainSettings.model_validate(settings).model_dump(mode="json")
     assert run.checkpoint.keep == 3 and run.teacher_top_k == 16 and run.loss.divergence == "jsd"
+    assert run.on_policy.mix == 0.5 and run.on_policy.sync_every == 2
 
 
 @pytest.mark.parametrize("change,message", [
