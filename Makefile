@@ -9,6 +9,7 @@ PORT ?= 8000
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 RECIPE ?= distill/recipes/smollm2-cascade.yaml
+GENERAL_RECIPE ?= distill/recipes/smollm2-general.yaml
 NPROC ?= 1
 DISTILL_ARGS ?=
 CHAT_PROMPTS ?= distill/prompts/general.jsonl
@@ -100,8 +101,7 @@ bench-distill-speed: $(STAMP)
 # cascade's trainer vs TRL's GKDTrainer on the same distillation (teacher, start, rows, batch, steps, loss): tokens/s,
 # peak RSS, held-out KL -> docs/bench/distill-vs-trl.md. TRL is installed for this benchmark only (pinned deps kept).
 bench-distill-trl: $(STAMP)
-	$(PY) -m pip install --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) trl==1.16.0
-	$(PY) -m distill.compare_trl --recipe $(RECIPE) $(TRL_ARGS)
+	$(PY) -m distill.compare_trl --recipe $(GENERAL_RECIPE) $(TRL_ARGS)
 
 # The teacher's answers to the general prompt set (a recipe's `kind: answers` sources), made once; `make distill`
 # makes them too when a recipe needs them.

@@ -257,14 +257,33 @@ def _finished_card(student_dir: Path, recipe: Recipe, stage: int, plan: StagePla
     if not is_prepared(student_dir, "distill") or not path.is_file():
         return None
     card = json.loads(path.read_text())
-    expected = {"recipe": recipe.name, "stage": stage, "architecture": plan.target.as_dict(), "start": start,
-                "train_config": _settings(train)}
-    return card if all(card.get(k) == v for k, v in expected.items()) else None
+    expected = {"recipe": recipe.name, "stage": stage, "architecture": plan.target.as_dict(), "start": start}
+    if not all(card.get(k) == v for k, v in expected.items()):
+        return None
+    non_default = train.model_dump(mode="json", exclude={"student", *RESUMABLE_FIELDS}, exclude_defaults=True)
+    return card if same_settings(card.get("train_config"), _settings(train), non_default) else None
 
 
 def _settings(train: TrainConfig) -> dict:
     """What decides a student besides its start: everything but where files go and how often they are written."""
     return train.model_dump(mode="json", exclude={"student", *RESUMABLE_FIELDS})
+
+
+def same_settings(old: object, now: object, non_default: object) -> bool:
+    """Whether settings recorded by an earlier run (`old`) are today's (`now`, with `non_default` the same dump
+    without default values). A setting added to the code since that run matches while it keeps its default (the
+    run behaved as the default does): adding an option must not make finished stages retrain, re-export and so
+    invalidate every stage after them. A setting that is gone, or any other difference, does not match."""
+    if isinstance(now, dict):
+        if not isinstance(old, dict) or set(old) - set(now):
+            return False
+        given = non_default if isinstance(non_default, dict) else {}
+        return all(same_settings(old[k], v, given.get(k)) if k in old else k not in given for k, v in now.items())
+    if isinstance(now, list):
+        given = non_default if isinstance(non_default, list) and len(non_default) == len(now) else [None] * len(now)
+        return (isinstance(old, list) and len(old) == len(now)
+                and all(same_settings(o, n, g) for o, n, g in zip(old, now, given, strict=True)))
+    return old == now
 
 
 def fingerprint(*parts: object) -> str:

@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from distill.components.metrics import read_metrics
 from distill.throughput import peak_rss_gib
+from models.checkpoint import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL = "trl==1.16.0"
@@ -32,16 +34,28 @@ def run_cascade(spec: dict) -> dict:
     trainer = Trainer(config, progress=True)
     started = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - started
+    wall = time.perf_counter() - started
     trainer.export(Path(spec["out"]) / "student")
-    return {"train_s": seconds, "tokens": trainer.step * trainer.tokens_per_step, "peak_rss_gib": peak_rss_gib()}
+    return {"wall_s": wall, "peak_rss_gib": peak_rss_gib()}
+
+
+def _loop_seconds(metrics: Path) -> dict[str, float]:
+    """Our training loop's time alone, from the metrics log: the last step's tokens/s counts from after the first
+    evaluation to the last optimiser step (the run evaluates nowhere else), as TRL's `train_runtime` does."""
+    steps = [m for m in read_metrics(metrics) if "loss" in m]
+    last = steps[-1]
+    return {"train_s": last["tokens"] / last["tokens_per_s"], "tokens": last["tokens"],
+            "losses": [m["loss"] for m in steps]}
 
 
 def run_trl(spec: dict) -> dict:
     """TRL's GKDTrainer on the same rows, order, batch, steps and optimiser settings."""
+    import os
+
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKD lives in trl.experimental: we know, and pin it
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from distill.config import TrainConfig
@@ -70,7 +84,7 @@ def run_trl(spec: dict) -> dict:
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": optim.min_lr_ratio},
         warmup_steps=int(steps * optim.warmup_fraction), weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
         adam_beta2=optim.betas[1], max_grad_norm=optim.grad_clip, bf16=spec["bf16"], use_cpu=True,
-        lmbda=0.0, beta=0.0, temperature=1.0, seed=config.seed, logging_steps=10, save_strategy="no",
+        lmbda=0.0, beta=0.0, temperature=1.0, seed=config.seed, logging_steps=1, save_strategy="no",
         report_to=[], dataloader_num_workers=0, max_length=config.data.seq_len, remove_unused_columns=False,
         gradient_checkpointing=False,  # SFTConfig turns it on by default; ours recomputes nothing but the loss
     )
@@ -78,16 +92,23 @@ def run_trl(spec: dict) -> dict:
     trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                       data_collator=collate, processing_class=AutoTokenizer.from_pretrained(config.student))
     started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
+    output = trainer.train()
+    wall = time.perf_counter() - started
     save_model(trainer.model, Path(spec["out"]) / "student", Path(config.student))
-    return {"train_s": seconds, "tokens": steps * sampler.sequences_per_step * config.data.seq_len,
-            "peak_rss_gib": peak_rss_gib()}
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]  # one per step (4 decimals)
+    return {"train_s": output.metrics["train_runtime"], "wall_s": wall, "losses": losses,
+            "tokens": steps * sampler.sequences_per_step * config.data.seq_len, "peak_rss_gib": peak_rss_gib()}
 
 
-def _child(which: str, spec_path: Path) -> dict:
-    """Run one trainer in a fresh process (its own peak RSS)."""
+def _child(which: str, spec: dict, spec_path: Path) -> dict:
+    """Run one trainer in a fresh process (its own peak RSS), or reuse its result for the very same spec (a rerun
+    after a later row failed, or to re-score)."""
     result = Path(str(spec_path) + f".{which}.json")
+    if result.exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec:
+        print(f"{which}: reusing {result}", flush=True)
+        return json.loads(result.read_text())
+    result.unlink(missing_ok=True)
+    write_text_atomic(spec_path, json.dumps(spec))
     subprocess.run([sys.executable, "-m", "distill.compare_trl", "--child", which, "--spec", str(spec_path)],
                    cwd=ROOT, check=True)
     return json.loads(result.read_text())
@@ -104,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         spec = json.loads(args.spec.read_text())
         result = (run_cascade if args.child == "cascade" else run_trl)(spec)
-        Path(str(args.spec) + f".{args.child}.json").write_text(json.dumps(result))
+        write_text_atomic(Path(str(args.spec) + f".{args.child}.json"), json.dumps(result))
         return 0
 
     from distill.cascade import load_recipe, pruned_start, train_config
@@ -130,13 +151,17 @@ def main(argv: list[str] | None = None) -> int:
                               checkpoint={"every": 10**9}, **extra)
         spec_path = work / f"{label.split()[0]}-{extra.get('fused_loss', 'trl')}.spec.json"
         bf16 = resolve_precision(config.precision, device()) == "bfloat16"
-        spec_path.write_text(json.dumps({"config": config.model_dump(mode="json"), "out": str(out), "bf16": bf16}))
-        result = _child(which, spec_path)
+        spec = {"config": config.model_dump(mode="json"), "out": str(out), "bf16": bf16}
+        result = _child(which, spec, spec_path)
+        if which == "cascade":
+            result |= _loop_seconds(out / "run" / "metrics.jsonl")
         result |= {"setting": label, "scores": _score(out / "student", config)}
         rows.append(result)
         print(f"{label}: {result['tokens'] / result['train_s']:.1f} tokens/s, peak RSS {result['peak_rss_gib']:.2f} "
               f"GiB, held-out KL {result['scores']['val_kl']:.3f}", flush=True)
-    _write(rows, recipe.name, parent, args.tokens, args.out)
+    shape = json.loads((pruned / "config.json").read_text())
+    head = head_matmul_ms(settings.batch_size * recipe.data.seq_len, shape["hidden_size"], shape["vocab_size"])
+    _write(rows, recipe.name, parent, args.tokens, args.out, head)
     return 0
 
 
@@ -148,22 +173,51 @@ def _score(student: Path, config) -> dict[str, float]:
                    progress=False).evaluate()
 
 
-def _write(rows: list[dict], recipe: str, parent: Path, tokens: int, out: Path) -> None:
-    from models.checkpoint import write_text_atomic
+def _loss(row: dict, at: int) -> str:
+    return f"{row['losses'][at]:.4f}" if row.get("losses") else "-"
 
+
+def head_matmul_ms(tokens: int, hidden: int, vocab: int, repeats: int = 3) -> dict:
+    """Milliseconds for one LM-head product at the run's shape in fp32 and bf16: the part of a distillation step
+    whose precision differs between the trainers."""
+    import torch
+
+    torch.manual_seed(0)
+    x, w = torch.randn(tokens, hidden), torch.randn(vocab, hidden) * 0.05
+    result: dict = {"tokens": tokens, "hidden": hidden, "vocab": vocab}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = x.to(dtype), w.to(dtype)
+        a @ b.T  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b.T
+        result[f"{str(dtype).removeprefix('torch.')}_ms"] = (time.perf_counter() - started) / repeats * 1000
+    return result
+
+
+def _write(rows: list[dict], recipe: str, parent: Path, tokens: int, out: Path, head: dict) -> None:
     lines = [
         "# cascade vs TRL: the same distillation", "",
         f"`make bench-distill-trl` (`distill/compare_trl.py`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         f": recipe `{recipe}`'s first stage, teacher {parent.name}, {tokens:,} training tokens, the same rows in the "
         "same order, forward KL at temperature 1. Each trainer in its own process (peak RSS = VmHWM); held-out "
         "scores by the same evaluator. Differences left: HF's schedule starts warm-up at lr 0 and decays the "
-        "(tied) embedding, ours does neither; our timed run includes one evaluation and one checkpoint at the end. "
+        "(tied) embedding, ours does neither. tokens/s is each training loop alone (TRL's `train_runtime`; ours from "
+        "after the run's first evaluation to its last step); `wall_s` in the JSON adds our two evaluations and "
+        "checkpoint. "
         "DistillKit: not on the package index, no row.", "",
-        "| trainer | tokens/s | peak RSS GiB | held-out KL | perplexity | top-1 agreement |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| trainer | tokens/s | peak RSS GiB | step-1 loss | last loss | held-out KL | perplexity | top-1 agreement |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *[f"| {r['setting']} | {r['tokens'] / r['train_s']:.1f} | {r['peak_rss_gib']:.2f} | "
-          f"{r['scores']['val_kl']:.3f} | {r['scores']['val_ppl']:.1f} | {r['scores']['val_top1_agree']:.3f} |"
-          for r in rows], "",
+          f"{_loss(r, 0)} | {_loss(r, -1)} | {r['scores']['val_kl']:.3f} | {r['scores']['val_ppl']:.1f} | "
+          f"{r['scores']['val_top1_agree']:.3f} |" for r in rows], "",
+        "The same step-1 loss is the check that both compute the same thing on the same batch and weights "
+        "(tests/test_compare_trl.py asserts it, and the whole loss curve, on micro models in fp32).", "",
+        f"Where the time goes: the language-model head ([{head['tokens']} tokens x {head['hidden']}] x "
+        f"[{head['hidden']} x {head['vocab']}], four times a step: student logits, their two gradients, teacher "
+        f"logits) takes {head['float32_ms']:.0f} ms a product in fp32 and {head['bfloat16_ms']:.0f} ms in bf16 on "
+        "this machine. Our losses keep those products in fp32 (kernels/distill_loss.py); TRL's, under bf16 "
+        "autocast, runs them in bf16 and rounds the logits to bf16 before its log-softmax.", "",
     ]
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "distill-vs-trl.md", "\n".join(lines))

@@ -15,6 +15,7 @@ recipe side by side, read from the files the benchmarks write (nothing here trai
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -39,14 +40,21 @@ def _json(path: Path) -> dict | list | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def abilities_mean(docs: Path, model: str) -> tuple[float, int] | None:
-    """(unweighted mean over tasks of each task's first higher-is-better metric, number of tasks)."""
+@functools.cache
+def _report(docs: Path, model: str):
+    """A model's abilities report (eval.report.RunReport), read once per run, or None before it is measured."""
     from eval.report import RunReport
 
     path = docs / "eval" / "abilities" / model / "report.json"
-    if not path.is_file():
+    return RunReport.from_json(path.read_text()) if path.is_file() else None
+
+
+def abilities_mean(docs: Path, model: str) -> tuple[float, int] | None:
+    """(unweighted mean over tasks of each task's first higher-is-better metric, number of tasks)."""
+    report = _report(docs, model)
+    if report is None:
         return None
-    rows = RunReport.from_json(path.read_text()).primary_rows()
+    rows = report.primary_rows()
     return sum(r.value for r in rows.values()) / len(rows), len(rows)
 
 
@@ -120,18 +128,15 @@ def heldout_table(docs: Path) -> list[str]:
 
 def _verdicts(docs: Path, by_model: dict, teacher_ppl: float, t_mean: tuple[float, int] | None) -> list[str]:
     """One line per measured student: each target met or missed, and where its abilities fell furthest."""
-    from eval.report import RunReport
-
-    path = docs / "eval" / "abilities" / TEACHER / "report.json"
-    teacher_rows = RunReport.from_json(path.read_text()).primary_rows() if path.is_file() else {}
+    teacher = _report(docs, TEACHER)
+    teacher_rows = teacher.primary_rows() if teacher is not None else {}
     lines = []
     for name, _, ppl_target, share_target in STUDENTS:
         r, mean = by_model.get(name), abilities_mean(docs, name)
         if r is None or mean is None or t_mean is None:
             continue
         ratio, share = r["val_ppl"] / teacher_ppl, mean[0] / t_mean[0]
-        student_path = docs / "eval" / "abilities" / name / "report.json"
-        rows = RunReport.from_json(student_path.read_text()).primary_rows()
+        rows = _report(docs, name).primary_rows()
         task = max(teacher_rows, key=lambda t: teacher_rows[t].value - rows[t].value if t in rows else 0)
         lines.append(f"- {name}: perplexity {ratio:.2f}x the teacher's (target ≤ {ppl_target}x: "
                      f"{'met' if ratio <= ppl_target else 'missed'}); abilities {share:.0%} of the teacher's mean "
@@ -145,11 +150,8 @@ def _mean(mean: tuple[float, int] | None) -> str:
 
 
 def abilities_table(docs: Path) -> list[str]:
-    from eval.report import RunReport
-
     models = [TEACHER, *(name for name, *_ in STUDENTS)]
-    reports = {m: RunReport.from_json(p.read_text()) for m in models
-               if (p := docs / "eval" / "abilities" / m / "report.json").is_file()}
+    reports = {m: report for m in models if (report := _report(docs, m)) is not None}
     if not reports:
         return ["Not measured yet: `make eval-report SUITE=abilities`.", ""]
     tasks = list(next(iter(reports.values())).primary_rows())
@@ -197,6 +199,7 @@ def throughput_lines(docs: Path) -> list[str]:
 
 
 def write(docs: Path) -> Path:
+    _report.cache_clear()  # reports read afresh for each composition (they change between runs of one process)
     card = _json(docs / "distill" / "smollm2-general" / "corpus-card.json")
     lines = [
         "# Distillation results: do the students keep what their teacher can do?", "",

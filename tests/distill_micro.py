@@ -81,3 +81,12 @@ def write_micro_checkpoint(folder: Path, corpus: Path, kind: str = "llama", tied
             if not name.endswith("norm.weight"):
                 p.mul_(0.25)  # gentler logits than micro_model's, so training moves them visibly
     return save_model(model, folder, tok_dir)
+
+
+def micro_pair(base: Path, **overrides: object) -> dict[str, Path]:
+    """A 4-layer teacher and a 2-layer student on one small stdlib corpus, and a CASCADE_HOME beside them: the
+    setting every trainer test starts from (`overrides` go to both models, e.g. vLLM's head_dim)."""
+    corpus = write_corpus(base / "corpus")
+    teacher = write_micro_checkpoint(base / "teacher", corpus, seed=1, num_hidden_layers=4, **overrides)
+    student = write_micro_checkpoint(base / "student", corpus, seed=2, num_hidden_layers=2, **overrides)
+    return {"corpus": corpus, "teacher": teacher, "student": student, "home": base / "home"}

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from distill.cascade import RecipeError, load_recipe, plan_recipe, run_recipe, train_config
+from distill.cascade import RecipeError, load_recipe, plan_recipe, run_recipe, same_settings, train_config
 from distill.components.lr_scheduler import OptimConfig
 from distill.config import TrainConfig, TrainSettings
 from distill.data import BatchSampler, DataConfig, DataError, SourceConfig, build_tokens
@@ -21,6 +21,7 @@ from distill.losses import LossConfig
 from distill.model_io import load_model
 from distill.plan import Architecture
 from distill.train import Trainer
+from models.checkpoint import weights_state
 from models.registry import get_model
 from tests.distill_micro import write_corpus, write_micro_checkpoint
 
@@ -98,9 +99,17 @@ def test_micro_cascade_prunes_distills_and_registers_each_stage(parent, tmp_path
     assert results[1]["teacher"] == str(parent["parent"])  # every stage learns from the root parent
     assert results[1]["architecture"]["num_hidden_layers"] == 2
 
-    # a second run finds every stage done: nothing is retrained, the same students are registered again
+    # a second run finds every stage done: nothing is retrained or re-exported (a re-export would change the
+    # weights' stamp and so make every later stage retrain)
+    exported = [weights_state(get_model(card["name"]).path) for card in results]
+    for card in results:  # also when the cards predate a setting that keeps its default (e.g. on_policy)
+        path = get_model(card["name"]).path / "cascade-card.json"
+        old = json.loads(path.read_text())
+        del old["train_config"]["on_policy"], old["train_config"]["data"]["sources"][0]["teacher"]
+        path.write_text(json.dumps(old))
     again = run_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "runs", progress=False)
     assert [r["final"] for r in again] == [r["final"] for r in results]
+    assert [weights_state(get_model(card["name"]).path) for card in results] == exported
 
     # any model scored on the recipe's held-out split against its parent: the same numbers as training's own
     from distill.heldout import markdown, score
@@ -109,6 +118,17 @@ def test_micro_cascade_prunes_distills_and_registers_each_stage(parent, tmp_path
     assert rows[0]["val_kl"] < 1e-6 and rows[0]["val_top1_agree"] == 1.0  # the parent against itself
     assert rows[1]["val_kl"] == pytest.approx(results[1]["final"]["val_kl"], rel=1e-5)
     assert "| micro-cascade-b |" in markdown(rows, "r")
+
+
+def test_settings_recorded_before_an_option_existed_match_only_at_its_default():
+    now = {"lr": 1.0, "on_policy": {"mix": 1.0}, "sources": [{"kind": "files", "teacher": None}]}
+    old = {"lr": 1.0, "sources": [{"kind": "files"}]}
+    assert same_settings(old, now, {"lr": 1.0})  # on_policy and teacher are at their defaults
+    assert not same_settings(old, now, {"lr": 1.0, "on_policy": {"mix": 1.0}})  # set by the user: not that run
+    other = {**now, "sources": [{"kind": "files", "teacher": "x"}]}
+    assert not same_settings(old, other, {"sources": [{"teacher": "x"}]})
+    assert not same_settings({**old, "gone": 1}, now, {})  # a setting the code no longer has
+    assert not same_settings({**old, "lr": 2.0}, now, {})
 
 
 def test_a_changed_recipe_rebuilds_what_it_changes(parent, tmp_path):

@@ -23,18 +23,14 @@ from distill.data import DataConfig, SourceConfig
 from distill.losses import VocabMismatchError
 from distill.train import Trainer, TrainingDivergedError
 from models.checkpoint import COMPLETE_MARKER
-from tests.distill_micro import write_corpus, write_micro_checkpoint
+from tests.distill_micro import micro_pair, write_micro_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("micro")
-    corpus = write_corpus(base / "corpus")
-    teacher = write_micro_checkpoint(base / "teacher", corpus, seed=1, num_hidden_layers=4)
-    student = write_micro_checkpoint(base / "student", corpus, seed=2, num_hidden_layers=2)
-    return {"corpus": corpus, "teacher": teacher, "student": student, "home": base / "home"}
+    return micro_pair(tmp_path_factory.mktemp("micro"))
 
 
 @pytest.fixture(autouse=True)

@@ -14,17 +14,12 @@ from distill.config import TrainConfig
 from distill.data import DataConfig, SourceConfig
 from distill.objectives.on_policy import OnPolicyDistillation, _uniform, push_due
 from distill.train import Trainer
-from tests.distill_micro import write_corpus, write_micro_checkpoint
+from tests.distill_micro import micro_pair
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("on-policy")
-    corpus = write_corpus(base / "corpus")
-    # head_dim 32: vLLM's CPU attention has no kernels for the micro models' 16
-    teacher = write_micro_checkpoint(base / "teacher", corpus, seed=1, num_hidden_layers=4, head_dim=32)
-    student = write_micro_checkpoint(base / "student", corpus, seed=2, num_hidden_layers=2, head_dim=32)
-    return {"corpus": corpus, "teacher": teacher, "student": student, "home": base / "home"}
+    return micro_pair(tmp_path_factory.mktemp("on-policy"), head_dim=32)  # vLLM's CPU attention has no kernel for 16
 
 
 @pytest.fixture(autouse=True)
