@@ -100,11 +100,15 @@ def run_trl(spec: dict) -> dict:
             "tokens": steps * sampler.sequences_per_step * config.data.seq_len, "peak_rss_gib": peak_rss_gib()}
 
 
-def _child(which: str, spec: dict, spec_path: Path) -> dict:
-    """Run one trainer in a fresh process (its own peak RSS), or reuse its result for the very same spec (a rerun
-    after a later row failed, or to re-score)."""
+def _child(which: str, spec: dict, spec_path: Path, non_default: dict | None = None) -> dict:
+    """Run one trainer in a fresh process (its own peak RSS), or reuse its result for the same spec (a rerun after
+    a later row failed, or to re-score): settings added to the code since keep their defaults (`non_default`: the
+    spec without default values), as for a recipe's finished stages."""
+    from distill.cascade import same_settings
+
     result = Path(str(spec_path) + f".{which}.json")
-    if result.exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec:
+    if (result.exists() and spec_path.exists()
+            and same_settings(json.loads(spec_path.read_text()), spec, spec if non_default is None else non_default)):
         print(f"{which}: reusing {result}", flush=True)
         return json.loads(result.read_text())
     result.unlink(missing_ok=True)
@@ -141,21 +145,31 @@ def main(argv: list[str] | None = None) -> int:
     settings = recipe.train.model_copy(update={"loss": recipe.train.loss.model_copy(
         update={"divergence": "forward_kl", "temperature": 1.0, "ce_weight": 0.0})})
     rows: list[dict] = []
-    for label, which, extra in (("cascade (fused loss)", "cascade", {"fused_loss": "on"}),
-                                ("cascade (chunked loss)", "cascade", {"fused_loss": "off"}),
-                                (f"TRL {TRL.split('==')[1]} GKDTrainer (lmbda 0, beta 0)", "trl", {})):
-        out = work / which / extra.get("fused_loss", "")
+    bf16_head = settings.loss.model_copy(update={"head_matmul": "bfloat16"})
+    for label, which, key, extra in (
+            ("cascade (fused loss)", "cascade", "on", {"fused_loss": "on"}),
+            ("cascade (chunked loss)", "cascade", "off", {"fused_loss": "off"}),
+            ("cascade (fused loss, bf16 head products)", "cascade", "bf16-head", {"fused_loss": "on",
+                                                                                  "loss": bf16_head}),
+            (f"TRL {TRL.split('==')[1]} GKDTrainer (lmbda 0, beta 0)", "trl", "trl", {})):
+        out = work / which / ("" if which == "trl" else key)
         # no evaluation or checkpoint until the last step (TRL's run saves nothing and evaluates nothing)
         config = train_config(settings, student=pruned, teacher=parent, eval_teacher=parent, out_dir=out / "run",
                               data=recipe.data, tokens=args.tokens, seed=recipe.seed, eval={"every": 10**9},
                               checkpoint={"every": 10**9}, **extra)
-        spec_path = work / f"{label.split()[0]}-{extra.get('fused_loss', 'trl')}.spec.json"
+        spec_path = work / f"{label.split()[0]}-{key}.spec.json"
         bf16 = resolve_precision(config.precision, device()) == "bfloat16"
         spec = {"config": config.model_dump(mode="json"), "out": str(out), "bf16": bf16}
-        result = _child(which, spec, spec_path)
+        result = _child(which, spec, spec_path,
+                        spec | {"config": config.model_dump(mode="json", exclude_defaults=True)})
         if which == "cascade":
             result |= _loop_seconds(out / "run" / "metrics.jsonl")
-        result |= {"setting": label, "scores": _score(out / "student", config)}
+        if "scores" not in result:  # scored once per trained student, kept with its result for reruns
+            result["scores"] = _score(out / "student", config)
+            write_text_atomic(Path(str(spec_path) + f".{which}.json"), json.dumps(result))
+        # when the student was written: rows reused from an earlier run were timed at another hour
+        finished = max(f.stat().st_mtime for f in (out / "student").glob("*.safetensors"))
+        result |= {"setting": label, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(finished))}
         rows.append(result)
         print(f"{label}: {result['tokens'] / result['train_s']:.1f} tokens/s, peak RSS {result['peak_rss_gib']:.2f} "
               f"GiB, held-out KL {result['scores']['val_kl']:.3f}", flush=True)
@@ -206,18 +220,21 @@ def _write(rows: list[dict], recipe: str, parent: Path, tokens: int, out: Path, 
         "after the run's first evaluation to its last step); `wall_s` in the JSON adds our two evaluations and "
         "checkpoint. "
         "DistillKit: not on the package index, no row.", "",
-        "| trainer | tokens/s | peak RSS GiB | step-1 loss | last loss | held-out KL | perplexity | top-1 agreement |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| trainer | tokens/s | peak RSS GiB | step-1 loss | last loss | held-out KL | perplexity | top-1 agreement "
+        "| measured |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         *[f"| {r['setting']} | {r['tokens'] / r['train_s']:.1f} | {r['peak_rss_gib']:.2f} | "
           f"{_loss(r, 0)} | {_loss(r, -1)} | {r['scores']['val_kl']:.3f} | {r['scores']['val_ppl']:.1f} | "
-          f"{r['scores']['val_top1_agree']:.3f} |" for r in rows], "",
+          f"{r['scores']['val_top1_agree']:.3f} | {r.get('measured_at', '-')} |" for r in rows], "",
         "The same step-1 loss is the check that both compute the same thing on the same batch and weights "
-        "(tests/test_compare_trl.py asserts it, and the whole loss curve, on micro models in fp32).", "",
-        f"Where the time goes: the language-model head ([{head['tokens']} tokens x {head['hidden']}] x "
-        f"[{head['hidden']} x {head['vocab']}], four times a step: student logits, their two gradients, teacher "
-        f"logits) takes {head['float32_ms']:.0f} ms a product in fp32 and {head['bfloat16_ms']:.0f} ms in bf16 on "
-        "this machine. Our losses keep those products in fp32 (kernels/distill_loss.py); TRL's, under bf16 "
-        "autocast, runs them in bf16 and rounds the logits to bf16 before its log-softmax.", "",
+        "(tests/test_compare_trl.py asserts it, and the whole loss curve, on micro models in fp32). A rerun reuses "
+        "a row whose spec is unchanged: rows timed at different hours differ by this 2-core machine's drift too "
+        "(±10-20%), so compare speeds measured together.", "",
+        f"The language-model head product ([{head['tokens']} tokens x {head['hidden']}] x [{head['hidden']} x "
+        f"{head['vocab']}], four a step: student logits, their two gradients, teacher logits) takes "
+        f"{head['float32_ms']:.0f} ms in fp32 and {head['bfloat16_ms']:.0f} ms in bf16 here. Our fused loss keeps "
+        "them in fp32 unless `loss.head_matmul: bfloat16`; TRL, under bf16 autocast, runs them in bf16 and rounds "
+        "the logits to bf16 before its log-softmax.", "",
     ]
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "distill-vs-trl.md", "\n".join(lines))

@@ -7,6 +7,8 @@ sum over unmasked tokens divided by their number, so it does not depend on batch
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,6 +32,9 @@ class LossConfig(BaseModel):
     kd_weight: float = Field(1.0, ge=0)  # 0 gives plain cross-entropy training (the from-scratch baseline)
     ce_weight: float = Field(0.0, ge=0)
     chunk_tokens: int = Field(512, ge=1)
+    # precision of the LM-head products in the fused loss (kernels/distill_loss.py: bf16 is about twice as fast on
+    # AVX512-BF16 CPUs and is what HF/TRL's autocast does; the chunked path always uses fp32)
+    head_matmul: Literal["float32", "bfloat16"] = "float32"
 
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
@@ -42,7 +47,7 @@ class LossConfig(BaseModel):
     def kernel_config(self) -> FusedLossConfig:
         """The same loss as kernels/distill_loss.py spells it."""
         return FusedLossConfig(self.divergence, self.temperature, self.beta, self.kd_weight, self.ce_weight,
-                               self.chunk_tokens, IGNORE_INDEX)
+                               self.chunk_tokens, IGNORE_INDEX, self.head_matmul)
 
 
 class VocabMismatchError(ValueError):

@@ -181,9 +181,11 @@ def trl_table(docs: Path) -> list[str]:
     rows = _json(docs / "bench" / "distill-vs-trl.json")
     if not rows:
         return ["Not measured yet: `make bench-distill-trl`.", ""]
-    lines = ["| trainer | tokens/s | peak RSS GiB | held-out KL | perplexity |", "|---|---:|---:|---:|---:|"]
+    lines = ["| trainer | tokens/s | peak RSS GiB | held-out KL | perplexity | measured |",
+             "|---|---:|---:|---:|---:|---|"]
     lines += [f"| {r['setting']} | {r['tokens'] / r['train_s']:.1f} | {r['peak_rss_gib']:.2f} | "
-              f"{r['scores']['val_kl']:.3f} | {r['scores']['val_ppl']:.1f} |" for r in rows]  # type: ignore[union-attr]
+              f"{r['scores']['val_kl']:.3f} | {r['scores']['val_ppl']:.1f} | {r.get('measured_at', '-')} |"
+              for r in rows]  # type: ignore[union-attr]
     return [*lines, "", "Details: [docs/bench/distill-vs-trl.md](bench/distill-vs-trl.md).", ""]
 
 

@@ -143,6 +143,16 @@ def test_fused_loss_and_cascade_attention_train_like_the_defaults(micro, tmp_pat
                 assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x["step"])
 
 
+def test_bf16_head_products_need_the_fused_loss(micro, tmp_path):
+    bf16_head = {"head_matmul": "bfloat16"}
+    with pytest.raises(ValueError, match=r"loss\.head_matmul: bfloat16 needs the fused loss"):
+        Trainer(_config(micro, tmp_path / "a", loss=bf16_head, fused_loss="off"), progress=False)
+    trainer = Trainer(_config(micro, tmp_path / "b", loss=bf16_head, fused_loss="on", tokens=32 * 4 * 2),
+                      progress=False)
+    first = trainer.train()
+    assert trainer.objective.fused and math.isfinite(first["val_kl"])
+
+
 def test_a_mistral_vocabulary_trains_with_the_fused_loss_by_default(micro, tmp_path):
     """tiny-mistral has the 131k Tekken vocabulary: `fused_loss: auto` picks the fused loss, and its run equals
     the chunked loss's."""

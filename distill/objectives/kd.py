@@ -25,6 +25,9 @@ class Distillation:
         vocab = student.lm.config.vocab_size
         fused = config.fused_loss == "on" or (config.fused_loss == "auto" and vocab >= FUSED_MIN_VOCAB)
         self.fused = fused and not (distilling and config.teacher_top_k)  # the fused loss needs a live teacher
+        if config.loss.head_matmul != "float32" and not self.fused:
+            raise ValueError(f"loss.head_matmul: {config.loss.head_matmul} needs the fused loss (fused_loss: on and "
+                             "a live teacher, no teacher_top_k); the chunked loss computes its head in float32")
         self.cache: TeacherCache | None = None
         self.teacher: Teacher | None = None
         if distilling and config.teacher_top_k:
