@@ -4,14 +4,16 @@ docs/bench/distill-vs-trl.{md,json}.
 Same teacher, same pruned student start (the recipe's first stage), same token rows in the same order, same batch,
 steps, optimiser settings and loss (forward KL at temperature 1, no cross-entropy; TRL's GKD with `lmbda=0`
 (no student generations) and `beta=0` is exactly that). Each trainer runs in its own process, so peak RSS is its
-own; both students are then scored by the same evaluator on the same held-out rows. TRL is installed only for this
-benchmark (`trl==1.16.0`); DistillKit is not on the package index (pip finds no distribution), so it has no row.
+own; both students are then scored by the same evaluator on the same held-out rows. TRL (`trl==1.16.0`) is a dev
+dependency, never a runtime one: this benchmark and tests/test_compare_trl.py use it. DistillKit is not on the
+package index (pip finds no distribution), so it has no row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -50,8 +52,6 @@ def _loop_seconds(metrics: Path) -> dict[str, float]:
 
 def run_trl(spec: dict) -> dict:
     """TRL's GKDTrainer on the same rows, order, batch, steps and optimiser settings."""
-    import os
-
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer

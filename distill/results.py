@@ -174,7 +174,11 @@ def iterative_table(docs: Path) -> list[str]:
     lines = ["| variant | tokens | perplexity | KL | top-1 |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {r['tokens']:,} | {r['val_ppl']:.1f} | {r['val_kl']:.3f} | "
               f"{r['val_top1_agree']:.3f} |" for r in stage["rows"]]
-    return [*lines, ""]
+    one_shot, cascade = stage["rows"][1]["val_kl"], stage["rows"][3]["val_kl"]  # both distilled, equal tokens
+    verdict = "wins" if cascade < one_shot else "loses"
+    return [*lines, "", f"Iterative pruning {verdict} at this budget: KL {cascade:.3f} for the cascade against "
+            f"{one_shot:.3f} for one-shot pruning ({cascade / one_shot - 1:+.0%}). Curves: "
+            "[docs/distill/smollm2-general/results.md](distill/smollm2-general/results.md).", ""]
 
 
 def trl_table(docs: Path) -> list[str]:

@@ -35,3 +35,16 @@ def test_the_results_doc_compares_students_with_their_targets(tmp_path: Path) ->
             "≤ 2.0x, ≥ 70% | abilities only |") in text
     assert "| smollm2-cascade-100m | `smollm2-cascade` | not run |" in text
     assert "Not measured yet: `make bench-distill-trl`." in text
+
+
+def test_iterative_vs_one_shot_gets_a_verdict(tmp_path: Path) -> None:
+    (tmp_path / "distill" / "smollm2-general").mkdir(parents=True)
+    rows = [{"variant": v, "tokens": 1000, "val_ppl": 20.0, "val_kl": kl, "val_top1_agree": 0.6}
+            for v, kl in (("one-shot pruned", 3.0), ("one-shot + distill", 0.80), ("cascade pruned", 2.0),
+                          ("cascade", 0.72))]
+    (tmp_path / "distill" / "smollm2-general" / "results.json").write_text(json.dumps(
+        {"stages": [{"stage": "iterative vs one-shot", "rows": rows}]}))
+    text = write(tmp_path).read_text()
+    assert "| cascade | 1,000 | 20.0 | 0.720 | 0.600 |" in text
+    assert "Iterative pruning wins at this budget: KL 0.720 for the cascade against 0.800 for one-shot pruning (-10%)" \
+        in text
