@@ -27,7 +27,7 @@ from distill.calibrate import STATS_FILE, collect_importance, load_importance, s
 from distill.common import barrier, is_rank0
 from distill.components.lr_scheduler import OptimConfig
 from distill.components.metrics import read_metrics
-from distill.config import RESUMABLE_FIELDS, TrainConfig, TrainSettings
+from distill.config import RESUMABLE_FIELDS, TrainConfig, TrainSettings, same_settings
 from distill.corpus import prepare_sources
 from distill.data import DataConfig, build_tokens
 from distill.model_io import load_config, load_model, model_from_state, plain_state, save_model
@@ -267,23 +267,6 @@ def _finished_card(student_dir: Path, recipe: Recipe, stage: int, plan: StagePla
 def _settings(train: TrainConfig) -> dict:
     """What decides a student besides its start: everything but where files go and how often they are written."""
     return train.model_dump(mode="json", exclude={"student", *RESUMABLE_FIELDS})
-
-
-def same_settings(old: object, now: object, non_default: object) -> bool:
-    """Whether settings recorded by an earlier run (`old`) are today's (`now`, with `non_default` the same dump
-    without default values). A setting added to the code since that run matches while it keeps its default (the
-    run behaved as the default does): adding an option must not make finished stages retrain, re-export and so
-    invalidate every stage after them. A setting that is gone, or any other difference, does not match."""
-    if isinstance(now, dict):
-        if not isinstance(old, dict) or set(old) - set(now):
-            return False
-        given = non_default if isinstance(non_default, dict) else {}
-        return all(same_settings(old[k], v, given.get(k)) if k in old else k not in given for k, v in now.items())
-    if isinstance(now, list):
-        given = non_default if isinstance(non_default, list) and len(non_default) == len(now) else [None] * len(now)
-        return (isinstance(old, list) and len(old) == len(now)
-                and all(same_settings(o, n, g) for o, n, g in zip(old, now, given, strict=True)))
-    return old == now
 
 
 def fingerprint(*parts: object) -> str:

@@ -104,7 +104,7 @@ def _child(which: str, spec: dict, spec_path: Path, non_default: dict | None = N
     """Run one trainer in a fresh process (its own peak RSS), or reuse its result for the same spec (a rerun after
     a later row failed, or to re-score): settings added to the code since keep their defaults (`non_default`: the
     spec without default values), as for a recipe's finished stages."""
-    from distill.cascade import same_settings
+    from distill.config import same_settings
 
     result = Path(str(spec_path) + f".{which}.json")
     if (result.exists() and spec_path.exists()

@@ -96,6 +96,24 @@ class TrainConfig(TrainSettings):
 RESUMABLE_FIELDS = ("out_dir", "eval", "checkpoint", "fused_loss", "attention")
 
 
-def run_settings(config: TrainConfig) -> dict[str, object]:
-    """What decides a run's result (JSON values): a checkpoint must have been written with exactly these."""
-    return config.model_dump(mode="json", exclude=set(RESUMABLE_FIELDS))
+def run_settings(config: TrainConfig, defaults: bool = True) -> dict[str, object]:
+    """What decides a run's result (JSON values): a checkpoint must have been written with exactly these (or,
+    `defaults=False`, these without the values left at their defaults: see same_settings)."""
+    return config.model_dump(mode="json", exclude=set(RESUMABLE_FIELDS), exclude_defaults=not defaults)
+
+
+def same_settings(old: object, now: object, non_default: object) -> bool:
+    """Whether settings recorded by an earlier run (`old`) are today's (`now`, with `non_default` the same dump
+    without default values). A setting added to the code since that run matches while it keeps its default (the
+    run behaved as the default does): adding an option must not make finished stages retrain, re-export and so
+    invalidate every stage after them. A setting that is gone, or any other difference, does not match."""
+    if isinstance(now, dict):
+        if not isinstance(old, dict) or set(old) - set(now):
+            return False
+        given = non_default if isinstance(non_default, dict) else {}
+        return all(same_settings(old[k], v, given.get(k)) if k in old else k not in given for k, v in now.items())
+    if isinstance(now, list):
+        given = non_default if isinstance(non_default, list) and len(non_default) == len(now) else [None] * len(now)
+        return (isinstance(old, list) and len(old) == len(now)
+                and all(same_settings(o, n, g) for o, n, g in zip(old, now, given, strict=True)))
+    return old == now

@@ -161,9 +161,10 @@ class Trainer:
     def _resume(self, path: Path) -> float:
         """Load `path`; returns the training time it had recorded."""
         expected = {**run_settings(self.config), "student_weights": self.student_weights}
+        given = {**run_settings(self.config, defaults=False), "student_weights": self.student_weights}
         state = self.checkpointer.load(path, self.student, self.optimizer, expected,
                                        f"delete {self.checkpointer.root} to start this run again",
-                                       {"student_weights": f"the weights in {self.config.student}"})
+                                       {"student_weights": f"the weights in {self.config.student}"}, given)
         self.step = int(state["step"])
         log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
         return float(state.get("elapsed_s", 0.0))

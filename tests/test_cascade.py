@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from distill.cascade import RecipeError, load_recipe, plan_recipe, run_recipe, same_settings, train_config
+from distill.cascade import RecipeError, load_recipe, plan_recipe, run_recipe, train_config
 from distill.components.lr_scheduler import OptimConfig
-from distill.config import TrainConfig, TrainSettings
+from distill.config import TrainConfig, TrainSettings, same_settings
 from distill.data import BatchSampler, DataConfig, DataError, SourceConfig, build_tokens
 from distill.losses import LossConfig
 from distill.model_io import load_model

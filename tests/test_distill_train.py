@@ -181,6 +181,16 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings(micro, tmp_path
         changed = TrainConfig.model_validate({**config.model_dump(), **change})
         with pytest.raises(CheckpointMismatchError, match=f"{next(iter(change))} differ.*delete"):
             Trainer(changed, progress=False).train(resume=True)
+    # a checkpoint from before a setting existed resumes while that setting keeps its default, not when it is set
+    last = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1] / "state.json"
+    state = json.loads(last.read_text())
+    del state["config"]["loss"]["head_matmul"]
+    last.write_text(json.dumps(state))
+    assert Trainer(config, progress=False).train(resume=True)["val_kl"] > 0
+    bf16_head = TrainConfig.model_validate({**config.model_dump(), "loss": {"head_matmul": "bfloat16"},
+                                            "fused_loss": "on"})
+    with pytest.raises(CheckpointMismatchError, match=r"\(loss differ"):
+        Trainer(bf16_head, progress=False).train(resume=True)
     # where and how often it writes may change; the finished run is found and evaluated, not retrained
     moved = TrainConfig.model_validate({**config.model_dump(), "eval": {"every": 3}, "checkpoint": {"every": 1}})
     assert Trainer(moved, progress=False).train(resume=True) == Trainer(config, progress=False).train(resume=True)

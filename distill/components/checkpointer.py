@@ -69,10 +69,11 @@ class Checkpointer:
         return path
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, expected: dict[str, object],
-             how_to_restart: str, names: dict[str, str] | None = None) -> dict:
+             how_to_restart: str, names: dict[str, str] | None = None, non_default: dict | None = None) -> dict:
         """Restore `path` into model, optimizer and RNG; returns its state record. `expected` holds the values this
         run's checkpoint must have been written with, from its config or its state record (a key the checkpoint
-        lacks is taken as equal); `names` says how the error names a key."""
+        lacks is taken as equal; inside a section, a setting added to the code since matches while it keeps its
+        default: `non_default` is `expected` without default values); `names` says how the error names a key."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -81,7 +82,11 @@ class Checkpointer:
 
         state = json.loads((path / "state.json").read_text())
         written = {**state, **state["config"]}
-        differ = [(names or {}).get(k, k) for k, v in expected.items() if written.get(k, v) != v]
+        from distill.config import same_settings  # config imports this module's CheckpointConfig
+
+        given = expected if non_default is None else non_default
+        differ = [(names or {}).get(k, k) for k, v in expected.items()
+                  if k in written and not same_settings(written[k], v, given.get(k))]
         if differ:
             raise CheckpointMismatchError(
                 f"{path} was written with other settings ({', '.join(differ)} differ); resume with the settings it "
