@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.compare_trl import _child, _loop_seconds, run_cascade, run_trl
+from distill.compare_trl import _child, _loop_seconds, run_cascade
 from distill.config import TrainConfig
 from distill.data import DataConfig, SourceConfig
 from tests.distill_micro import micro_pair
@@ -29,7 +29,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CASCADE_HOME", str(micro["home"]))
         ours = run_cascade({"config": config.model_dump(mode="json"), "out": str(base / "cascade"), "bf16": False})
-        theirs = run_trl({"config": config.model_dump(mode="json"), "out": str(base / "trl"), "bf16": False})
+        # TRL in its own process, as the benchmark runs it: importing it sets VLLM_LOGGING_LEVEL=ERROR and
+        # TORCHINDUCTOR_CACHE_DIR in os.environ, which would leak into every server later tests start
+        spec = {"config": config.model_dump(mode="json"), "out": str(base / "trl"), "bf16": False}
+        theirs = _child("trl", spec, base / "trl.spec.json")
     return {"ours": ours | _loop_seconds(base / "cascade" / "run" / "metrics.jsonl"), "trl": theirs}
 
 
