@@ -40,8 +40,10 @@ class FusedLossConfig:
     chunk_tokens: int = 1024
     ignore_index: int = IGNORE_INDEX
     # The four head products a chunk makes (student logits, d hidden, d head, teacher logits). fp32 by default;
-    # bf16 halves their time on CPUs with AVX512-BF16 (measured: [1024 x 576] x [576 x 49152] in 389 vs 176 ms,
-    # docs/bench/distill-vs-trl.md) and is what autocast does in HF/TRL, at the cost of bf16-rounded logits.
+    # bf16 halves a product's time on CPUs with AVX512-BF16 (measured: [1024 x 576] x [576 x 49152] in 389 vs
+    # 176 ms) and is what autocast does in HF/TRL, at the cost of bf16-rounded logits; yet the 2-core training loop
+    # was not measurably faster with it (196 vs 204 tokens/s, an hour apart: docs/bench/distill-vs-trl.md). On
+    # GPUs, where fp32 products are far slower than bf16 ones, it should matter more (not measured yet).
     # Softmax, divergence and the gradients' accumulation stay fp32 either way.
     matmul_dtype: Literal["float32", "bfloat16"] = "float32"
 
