@@ -1,6 +1,6 @@
-"""`python -m distill cascade RECIPE.yaml` | `corpus RECIPE.yaml` | `train CONFIG.yaml` |
-`plan --model M --params 100M` | `answers PROMPTS.jsonl OUT.jsonl --teacher M` (chat data: the teacher's answers,
-through our server).
+"""`python -m distill cascade RECIPE.yaml` | `sft RECIPE.yaml` (post-training) | `corpus RECIPE.yaml` |
+`train CONFIG.yaml` | `plan --model M --params 100M` | `answers PROMPTS.jsonl OUT.jsonl --teacher M` (chat data: the
+teacher's answers, through our server) | `arithmetic OUT_DIR` (the generated arithmetic task's files).
 
 Runs the same under `torchrun --nproc-per-node N -m distill ...` (FSDP2; gloo on CPU, NCCL on GPUs).
 """
@@ -31,6 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     cascade.add_argument("recipe", type=Path)
     cascade.add_argument("--runs", type=Path, help="working directory (default $CASCADE_HOME/runs/<recipe name>)")
     cascade.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan only")
+    sft = sub.add_parser("sft", help="post-train a model on chat data (SFT, optionally with logit distillation), "
+                         "then register it")
+    sft.add_argument("recipe", type=Path)
+    sft.add_argument("--runs", type=Path, help="working directory (default $CASCADE_HOME/runs/<recipe name>)")
+    sft.add_argument("--dry-run", action="store_true", help="check the recipe and print the run's settings only")
+    arithmetic = sub.add_parser("arithmetic", help="write the arithmetic task: SFT conversations per split and the "
+                                "held-out problems")
+    arithmetic.add_argument("out", type=Path)
+    arithmetic.add_argument("--digits", type=int, default=1, choices=[1, 2, 3])
+    arithmetic.add_argument("--seed", type=int, default=0)
     corpus = sub.add_parser("corpus", help="make a recipe's teacher-written data (kind: answers) now")
     corpus.add_argument("recipe", type=Path)
     corpus.add_argument("--endpoint", help="a running server for the teacher (default: start ours, vLLM engine)")
@@ -68,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     from distill.answers import AnswerSettings, EndpointError, answer_with_teacher, write_answers
     from distill.cascade import RecipeError, load_recipe, parse_count, plan_recipe, run_recipe
     from distill.common import close_distributed, init_distributed, is_rank0
-    from distill.config import TrainConfig
+    from distill.config import TrainConfig, validation_problems
     from distill.corpus import answers_file, prepare_sources
     from distill.data import DataError
     from distill.losses import VocabMismatchError
     from distill.model_io import UnsupportedModelError, load_config
     from distill.plan import Architecture, PlanError, plan_architecture
+    from distill.posttrain import load_posttrain_recipe, run_config, run_posttrain
     from distill.train import Trainer, TrainingDivergedError
     from models.prepare import prepare
     from models.registry import get_model
@@ -93,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 counts = write_answers(args.prompts, args.out, args.endpoint.rstrip("/"), args.api_key, settings)
             print(f"{counts['answers']} answers ({counts['truncated']} cut at --max-tokens) -> {args.out}")
+            return 0
+        if args.command == "arithmetic":
+            from distill.arithmetic import write_task
+
+            for name, count in write_task(args.out, args.digits, args.seed).items():
+                print(f"{count:6d} {args.out / name}")
+            return 0
+        if args.command == "sft":
+            recipe = load_posttrain_recipe(args.recipe, "sft")
+            if args.dry_run:
+                print(yaml.safe_dump(run_config(recipe, args.runs).model_dump(mode="json", exclude_defaults=True),
+                                     sort_keys=False), end="")
+                return 0
+            init_distributed()
+            run_posttrain(recipe, args.runs)
             return 0
         if args.command == "corpus":
             recipe = load_recipe(args.recipe)
@@ -117,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RecipeError(f"config {args.config} does not exist")
         config = TrainConfig.model_validate(yaml.safe_load(args.config.read_text()))
         init_distributed()
-        if is_rank0():
+        if is_rank0() and config.data.format == "text":
             prepare_sources(config.data)
         final = Trainer(config).train(resume=args.resume)
         print(" ".join(f"{k}={v:.4f}" for k, v in final.items()))
@@ -126,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        print(f"error: {args.command} config: {problems}", file=sys.stderr)
+        print(f"error: {args.command} config: {validation_problems(e)}", file=sys.stderr)
         return 2
     except (RecipeError, PlanError, EndpointError, DataError, VocabMismatchError, UnsupportedModelError, KeyError,
             OSError, ValueError) as e:

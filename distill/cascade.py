@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distill.calibrate import STATS_FILE, collect_importance, load_importance, save_importance
 from distill.common import barrier, is_rank0
 from distill.components.lr_scheduler import OptimConfig
 from distill.components.metrics import read_metrics
-from distill.config import RESUMABLE_FIELDS, TrainConfig, TrainSettings, same_settings
+from distill.config import RESUMABLE_FIELDS, TrainConfig, TrainSettings, read_yaml, same_settings, validation_problems
 from distill.corpus import prepare_sources
 from distill.data import DataConfig, build_tokens
 from distill.model_io import load_config, load_model, model_from_state, plain_state, save_model
@@ -115,19 +114,13 @@ class Recipe(BaseModel):
 
 
 def load_recipe(path: Path) -> Recipe:
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    raw = read_yaml(path, RecipeError)
     from pydantic import ValidationError
 
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'recipe'}: {err['msg']}" for err in e.errors())
-        raise RecipeError(f"{path}: {problems}") from e
+        raise RecipeError(f"{path}: {validation_problems(e, 'recipe')}") from e
 
 
 @dataclasses.dataclass

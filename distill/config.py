@@ -5,10 +5,12 @@ validate into these; unknown keys are refused at every level."""
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from distill.chat_data import ChatDataConfig
 from distill.common import Precision
 from distill.components.checkpointer import CheckpointConfig
 from distill.components.evaluator import EvalConfig
@@ -17,15 +19,36 @@ from distill.components.rollouts import OnPolicyConfig
 from distill.data import DataConfig
 from distill.losses import LossConfig
 
+
+def _data_format(value: Any) -> str:
+    """Which data config a `data:` section is: chat data says so, text data may (it is the default)."""
+    found = value.get("format", "text") if isinstance(value, dict) else getattr(value, "format", "text")
+    return found if found in ("text", "chat") else "text"  # an unknown format fails in DataConfig, named
+
+
 FUSED_MIN_VOCAB = 65536  # Mistral's 131k Tekken vocabulary: where [tokens x vocab] logits dominate memory
+
+
+class SFTConfig(BaseModel):
+    """objective sft (distill/objectives/sft.py)."""
+    model_config = ConfigDict(extra="forbid")
+    teacher_weight: float | None = Field(
+        None, ge=0, le=1, description="a in (1 - a) CE + a KL(teacher || student) on the assistant's tokens; default "
+                                      "1 with a teacher (logit distillation alone, as Ministral 3), 0 without")
+
+    def weight(self, has_teacher: bool) -> float:
+        if self.teacher_weight is not None:
+            return self.teacher_weight
+        return 1.0 if has_teacher else 0.0
 
 
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    objective: Literal["kd", "gkd"] = Field(
+    objective: Literal["kd", "gkd", "sft"] = Field(
         "kd", description="the loss module over the shared loop (distill/objectives/): kd = KD from the teacher "
                           "on the data (+ optional cross-entropy; cross-entropy only without a teacher); gkd = "
-                          "on-policy KD on the student's own samples for a share `on_policy.mix` of the steps")
+                          "on-policy KD on the student's own samples for a share `on_policy.mix` of the steps; sft = "
+                          "chat data, the assistant's tokens only, CE and/or KL to a teacher (`sft`)")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     precision: Precision = Field(
@@ -36,6 +59,7 @@ class TrainSettings(BaseModel):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
+    sft: SFTConfig = SFTConfig()
     teacher_top_k: int | None = Field(None, ge=1, description="distill from a cache of the teacher's top-k log-probs "
                                       "+ a tail bucket (computed once, reused across runs) instead of running it")
     fused_loss: Literal["auto", "on", "off"] = Field(
@@ -45,6 +69,18 @@ class TrainSettings(BaseModel):
     attention: Literal["sdpa", "cascade"] = Field(
         "sdpa", description="cascade: our Triton attention (kernels/attention.py) for student and teacher; needs a "
                             "CUDA GPU, or TRITON_INTERPRET=1 on CPU (correct but very slow)")
+
+    @model_validator(mode="after")
+    def _sft(self) -> TrainSettings:
+        # values, not which keys were given: a saved config (every field written) must validate again
+        default = LossConfig()
+        if self.objective == "sft" and (self.loss.kd_weight, self.loss.ce_weight) != (default.kd_weight,
+                                                                                        default.ce_weight):
+            raise ValueError("objective sft sets loss.kd_weight and loss.ce_weight from sft.teacher_weight (a: "
+                             "(1 - a) CE + a KL); set that instead")
+        if self.objective != "sft" and self.sft != SFTConfig():
+            raise ValueError(f"the sft section is for objective sft, not {self.objective}")
+        return self
 
     @model_validator(mode="after")
     def _on_policy(self) -> TrainSettings:
@@ -65,15 +101,38 @@ class TrainConfig(TrainSettings):
     teacher: str | None = Field(None, description="teacher checkpoint; None trains with cross-entropy only")
     eval_teacher: str | None = Field(None, description="teacher for KL-to-teacher in evaluation (default: teacher)")
     out_dir: str
-    data: DataConfig
+    data: Annotated[Annotated[DataConfig, Tag("text")] | Annotated[ChatDataConfig, Tag("chat")],
+                    Discriminator(_data_format)]
     tokens: int = Field(gt=0, description="token budget; steps = tokens / tokens per step, rounded up")
     random_init: bool = Field(False, description="re-initialise the student's weights (the from-scratch baseline)")
     seed: int = 0
 
+    def data_model(self) -> str:
+        """Whose tokenizer makes the rows: text with the teacher's (the student must share it); chat data rendered
+        as the model is served (the student's template and tool/reasoning formats, or `data.template`'s)."""
+        if isinstance(self.data, ChatDataConfig):
+            return self.data.template or self.student
+        return self.teacher or self.student
+
     @model_validator(mode="after")
     def _answers_teacher(self) -> TrainConfig:
         """Teacher-written data comes from this run's teacher unless a source names another model."""
-        self.data.default_answers_teacher(self.teacher)
+        if isinstance(self.data, DataConfig):
+            self.data.default_answers_teacher(self.teacher)
+        return self
+
+    @model_validator(mode="after")
+    def _chat(self) -> TrainConfig:
+        chat = self.data.format == "chat"
+        if self.objective == "sft" and not chat:
+            raise ValueError("objective sft trains on the assistant's tokens of conversations: it needs data.format: "
+                             "chat (distill/chat_data.py)")
+        if chat and self.objective == "gkd":
+            raise ValueError("objective gkd samples continuations of text rows; with chat data use sft or kd")
+        if chat and self.teacher_top_k is not None:
+            raise ValueError("teacher_top_k caches the teacher on text data; with chat data the teacher runs live")
+        if self.objective == "sft" and self.sft.weight(self.teacher is not None) > 0 and self.teacher is None:
+            raise ValueError(f"sft.teacher_weight is {self.sft.teacher_weight}: distilling needs a teacher")
         return self
 
     @model_validator(mode="after")
@@ -117,3 +176,30 @@ def same_settings(old: object, now: object, non_default: object) -> bool:
         return (isinstance(old, list) and len(old) == len(now)
                 and all(same_settings(o, n, g) for o, n, g in zip(old, now, given, strict=True)))
     return old == now
+
+
+def validation_problems(error: ValidationError, root: str = "config") -> str:
+    """A pydantic error as one line naming each key (`data.sources: Field required`): the tag of the data union
+    (`data.text.…`, `data.chat.…`) is pydantic's, not a key the user wrote, so it is left out."""
+    problems = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        if len(loc) > 1 and loc[0] == "data" and loc[1] in ("text", "chat"):
+            del loc[1]
+        problems.append(f"{'.'.join(loc) or root}: {err['msg']}")
+    return "; ".join(problems)
+
+
+def read_yaml(path: Path, error: type[ValueError]) -> dict:
+    """A recipe or config file as a mapping; `error` (naming the file) when it is missing or not a YAML mapping."""
+    import yaml
+
+    if not path.is_file():
+        raise error(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise error(f"{path}: a recipe is a mapping of keys")
+    return raw

@@ -25,6 +25,7 @@ import sys
 import sysconfig
 import tarfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -33,12 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from kernels.distill_loss import IGNORE_INDEX
 from models.checkpoint import atomic_directory, is_prepared
 from models.downloads import DownloadError, IntegrityError, fetch_package, sha256_file
 from models.registry import cascade_home, get_model
 from models.tokenizers import ChatTemplateError, load_tokenizer
 
 if TYPE_CHECKING:
+    from distill.chat_data import ChatDataConfig
     from distill.corpus import NgramIndex
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,8 @@ class SourceConfig(BaseModel):
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    format: Literal["text"] = Field("text", description="text: every token trains (chat data for SFT: "
+                                    "distill/chat_data.py)")
     sources: list[SourceConfig] = Field(min_length=1)
     seq_len: int = Field(128, ge=8, le=131072)
     val_sequences: int = Field(32, ge=1)
@@ -177,7 +182,7 @@ def _source_documents(source: SourceConfig, tokenizer) -> Iterator[tuple[str, li
         yield from file_documents(source.paths, tokenizer)
 
 
-def _tokenizer_digest(model_dir: Path) -> str:
+def tokenizer_digest(model_dir: Path) -> str:
     digest = hashlib.sha256()
     for name in ("tokenizer.json", "tekken.json", "tokenizer.model"):
         if (model_dir / name).is_file():
@@ -196,7 +201,7 @@ def _files_state(config: DataConfig) -> list[tuple[str, int, int]]:
 
 
 def cache_key(config: DataConfig, model_dir: Path) -> str:
-    payload = json.dumps({"config": config.model_dump(), "tokenizer": _tokenizer_digest(model_dir),
+    payload = json.dumps({"config": config.model_dump(exclude={"format"}), "tokenizer": tokenizer_digest(model_dir),
                           "files": _files_state(config), "python": sys.version_info[:2], "version": DATA_VERSION},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -339,3 +344,56 @@ class BatchSampler:
         """Every row id the first `steps` steps read, on any rank (what an offline teacher must cover)."""
         return sorted({int(i) for step in range(steps) for micro in range(self.grad_accum)
                        for rank in range(self.world) for i in self.indices(step, micro, rank)})
+
+
+@dataclass
+class Batch:
+    """One micro-batch as an objective receives it."""
+    rows: torch.Tensor  # [B] row ids in the training split (what a teacher cache is keyed on)
+    ids: torch.Tensor  # [B, T]
+    labels: torch.Tensor | None = None  # [B*(T-1)] next tokens, IGNORE_INDEX where not trained (None: all train)
+    positions: torch.Tensor | None = None  # [B, T] restarting at each packed conversation (None: 0..T-1)
+
+
+@dataclass
+class TokenRows:
+    """One split's packed rows: ids [N, T]; for chat data also which tokens train (targets [N, T], the assistant's)
+    and position ids [N, T] (distill/chat_data.py)."""
+    ids: torch.Tensor
+    targets: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, rows: torch.Tensor, on: torch.device) -> Batch:
+        ids = self.ids[rows].to(on)
+        labels = positions = None
+        if self.targets is not None:  # position t predicts token t+1: it trains where t+1 is a target
+            labels = ids[:, 1:].masked_fill(~self.targets[rows, 1:].to(on), IGNORE_INDEX).reshape(-1)
+        if self.positions is not None:
+            positions = self.positions[rows].to(on)
+        return Batch(rows, ids, labels, positions)
+
+    def padded(self, multiple: int) -> TokenRows:
+        """Rows added (nothing in them trains) up to a multiple of `multiple`: every rank evaluates as many."""
+        extra = -len(self) % multiple
+        if not extra:
+            return self
+        if self.targets is None or self.positions is None:
+            raise ValueError(f"{len(self)} rows of text do not divide among {multiple} processes")
+        return TokenRows(torch.cat([self.ids, self.ids[:1].expand(extra, -1)]),
+                         torch.cat([self.targets, self.targets.new_zeros((extra, self.targets.shape[1]))]),
+                         torch.cat([self.positions, self.positions[:1].expand(extra, -1)]))
+
+
+def load_splits(config: DataConfig | ChatDataConfig, model: str | Path) -> tuple[TokenRows, TokenRows]:
+    """(train, validation) rows of text or chat data, built and cached on first use."""
+    if config.format == "chat":
+        from distill.chat_data import build_chat_tokens
+
+        shards = build_chat_tokens(config, model)
+        return (TokenRows(shards["train"], shards["train_targets"], shards["train_positions"]),
+                TokenRows(shards["val"], shards["val_targets"], shards["val_positions"]))
+    shards = build_tokens(config, model)
+    return TokenRows(shards["train"]), TokenRows(shards["val"])

@@ -141,13 +141,14 @@ def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, label
     live = teacher_hidden is not None and teacher_head is not None
     if config.kd_weight > 0 and not live and teacher_topk is None:
         raise ValueError("a distillation loss needs the teacher's hidden states and head, or its cached top-k")
-    count = (labels != IGNORE_INDEX).sum().clamp_min(1)
+    tokens = (labels != IGNORE_INDEX).sum()  # reported as is: the loop divides by the step's total
+    count = tokens.clamp_min(1)
     if fused and (live or config.kd_weight == 0):
         loss, kd, ce = fused_linear_distill_loss(
             student_hidden, student_head, labels, config.kernel_config(),
             teacher_hidden=teacher_hidden if config.kd_weight > 0 else None,
             teacher_head=teacher_head if config.kd_weight > 0 else None)
-        return loss, {"kd": kd.detach(), "ce": ce.detach(), "tokens": count}
+        return loss, {"kd": kd.detach(), "ce": ce.detach(), "tokens": tokens}
     total = torch.zeros((), device=student_hidden.device)
     div_sum = torch.zeros((), device=student_hidden.device)
     ce_sum = torch.zeros((), device=student_hidden.device)
@@ -165,7 +166,7 @@ def distill_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, label
         total = total + loss
         div_sum += div
         ce_sum += ce
-    return total / count, {"kd": div_sum / count, "ce": ce_sum / count, "tokens": count}
+    return total / count, {"kd": div_sum / count, "ce": ce_sum / count, "tokens": tokens}
 
 
 def reference_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,

@@ -22,7 +22,7 @@ from distill.components.lr_scheduler import build_optimizer, lr_at, set_lr
 from distill.components.metrics import MetricsLogger
 from distill.components.models import Student, load_teacher, reinitialise, set_attention
 from distill.config import TrainConfig, run_settings
-from distill.data import BatchSampler, build_tokens
+from distill.data import BatchSampler, load_splits
 from distill.model_io import load_model, save_model
 from distill.objectives import OBJECTIVES
 from models.checkpoint import weights_state
@@ -43,14 +43,15 @@ class Trainer:
         torch.manual_seed(config.seed)
 
         # data: rank 0 writes the token cache, the others read it
-        if config.data.val_sequences % self.world:
+        if config.data.format == "text" and config.data.val_sequences % self.world:
             raise ValueError(f"data.val_sequences ({config.data.val_sequences}) must be a multiple of the number of "
                              f"processes ({self.world}): every rank runs the same evaluation batches")
         if is_rank0():
-            build_tokens(config.data, config.teacher or config.student)
+            load_splits(config.data, config.data_model())
         barrier()
-        tokens = build_tokens(config.data, config.teacher or config.student)
-        self.train_rows, val_rows = tokens["train"], tokens["val"]
+        self.train_data, val_data = load_splits(config.data, config.data_model())
+        val_data = val_data.padded(self.world)  # chat data: empty rows so every rank evaluates as many
+        self.train_rows = self.train_data.ids
         self.sampler = BatchSampler(self.train_rows, config.batch_size, config.grad_accum, self.world, config.seed)
         self.tokens_per_step = self.sampler.sequences_per_step * config.data.seq_len
         self.total_steps = math.ceil(config.tokens / self.tokens_per_step)
@@ -69,7 +70,7 @@ class Trainer:
         teacher = (self.objective.teacher if reuse else load_teacher(
             Path(eval_teacher), Path(config.student), lm.config.vocab_size, config.attention, self.device)
             if eval_teacher else None)
-        self.evaluator = Evaluator(config.eval, val_rows, config.batch_size, teacher, config.precision, self.device)
+        self.evaluator = Evaluator(config.eval, val_data, config.batch_size, teacher, config.precision, self.device)
         if self.world > 1:
             shard(self.student, lm)
 
@@ -121,15 +122,18 @@ class Trainer:
         return final if final is not None else self.evaluate()  # a finished run resumed: evaluate what is there
 
     def _forward_backward(self) -> dict[str, float]:
-        """One optimizer step's micro-batches; returns the objective's metrics as per-token means over all ranks."""
+        """One optimizer step's micro-batches; returns the objective's metrics as per-token means over all ranks.
+
+        Each micro-batch's loss goes backward as a sum over its trained tokens; the gradients are then divided by
+        the trained tokens of the whole step on every rank. Dividing each micro-batch by its own count (or each
+        sequence by its length) would weigh a token by how full its micro-batch was (trl#3021, notes §3)."""
         sums: dict[str, torch.Tensor] = {}
         for micro in range(self.config.grad_accum):
-            rows = self.sampler.indices(self.step, micro, self.rank)
-            ids = self.train_rows[rows].to(self.device)
+            batch = self.train_data.batch(self.sampler.indices(self.step, micro, self.rank), self.device)
             with autocast(self.config.precision, self.device):
-                loss, metrics = self.objective(self.student, rows, ids, self.step)
-            (loss / self.config.grad_accum).backward()
+                loss, metrics = self.objective(self.student, batch, self.step)
             n = metrics["tokens"].double()
+            (loss * metrics["tokens"]).backward()  # the sum over this micro-batch's trained tokens
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 if name != "tokens":
                     sums[name] = sums.get(name, 0) + value.double() * n
@@ -137,7 +141,12 @@ class Trainer:
         names = list(sums)
         totals = all_sum(torch.stack([sums[k].reshape(()) for k in names]))
         count = totals[names.index("tokens")]
-        return {k: (totals[i] / count).item() for i, k in enumerate(names) if k != "tokens"}
+        # FSDP2 averages gradients over ranks: x world turns that mean back into the sum over every rank
+        scale = self.world / max(count.item(), 1.0)
+        for p in self.student.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        return {k: (totals[i] / count.clamp_min(1)).item() for i, k in enumerate(names) if k != "tokens"}
 
     def _clip_and_check(self, loss: float, last_good: Path | None) -> float:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.optim.grad_clip)

@@ -41,7 +41,8 @@ class ChatTokenizer(Protocol):
         """A prompt: the conversation so far, then the opening of the assistant's turn."""
         ...
 
-    def encode_conversation(self, messages: list[Message]) -> list[int]:
+    def encode_conversation(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                            template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """A finished conversation ending with the assistant's answer, as training text (no new turn opened)."""
         ...
 
@@ -80,8 +81,9 @@ class HFChatTokenizer:
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
         return self._render(messages, tools, template_kwargs, add_generation_prompt=True)
 
-    def encode_conversation(self, messages: list[Message]) -> list[int]:
-        return self._render(messages, None, None, add_generation_prompt=False)
+    def encode_conversation(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                            template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        return self._render(messages, tools, template_kwargs, add_generation_prompt=False)
 
     def _render(self, messages: list[Message], tools: list[dict[str, Any]] | None,
                 template_kwargs: dict[str, Any] | None, add_generation_prompt: bool) -> list[int]:
@@ -137,14 +139,15 @@ class MistralChatTokenizer:
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
         return self._render(self.mistral, messages, tools, template_kwargs)
 
-    def encode_conversation(self, messages: list[Message]) -> list[int]:
+    def encode_conversation(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                            template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """mistral_common's fine-tuning mode accepts (and closes with EOS) a final assistant message."""
         from mistral_common.protocol.instruct.validator import ValidationMode
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         if self._finetuning is None:
             self._finetuning = MistralTokenizer.from_file(self._file, mode=ValidationMode.finetuning)
-        return self._render(self._finetuning, messages, None, None)
+        return self._render(self._finetuning, messages, tools, template_kwargs)
 
     @staticmethod
     def _render(tokenizer: Any, messages: list[Message], tools: list[dict[str, Any]] | None,

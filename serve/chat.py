@@ -146,6 +146,13 @@ def conversation(req: ChatCompletionRequest, spec: ModelSpec) -> list[dict[str, 
 
 def render_prompt(spec: ModelSpec, tokenizer: ChatTokenizer, req: ChatCompletionRequest) -> list[int]:
     """The chat request as prompt token ids (raises ChatTemplateError when the template refuses the messages)."""
+    return tokenizer.encode_chat(*template_inputs(spec, tokenizer, req))
+
+
+def template_inputs(spec: ModelSpec, tokenizer: ChatTokenizer, req: ChatCompletionRequest
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any]]:
+    """(messages, tools, template kwargs) as this model's template takes them: what the server renders for a
+    prompt and what training data renders (distill/chat_data.py), so a model trains on the format it is served in."""
     messages = conversation(req, spec)
     choice = tool_choice(req)
     # tool_choice "none": the tools stay out of the prompt (vLLM's --exclude-tools-when-tool-choice-none).
@@ -163,7 +170,7 @@ def render_prompt(spec: ModelSpec, tokenizer: ChatTokenizer, req: ChatCompletion
         kwargs["reasoning_effort"] = req.reasoning_effort  # templates that know it (gpt-oss style) use it
         if req.reasoning_effort == "none":
             kwargs["enable_thinking"] = False  # Qwen3-style templates
-    return tokenizer.encode_chat(messages, tools, kwargs)
+    return messages, tools, kwargs
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from torch import nn
 
 from distill.common import Precision, all_sum, autocast, world
 from distill.components.models import Teacher
+from distill.data import TokenRows
 from distill.losses import token_divergence
+from kernels.distill_loss import IGNORE_INDEX
 
 
 class EvalConfig(BaseModel):
@@ -20,36 +22,41 @@ class EvalConfig(BaseModel):
 
 
 class Evaluator:
-    def __init__(self, config: EvalConfig, rows: torch.Tensor, batch_size: int, teacher: Teacher | None,
+    def __init__(self, config: EvalConfig, rows: TokenRows, batch_size: int, teacher: Teacher | None,
                  precision: Precision, on: torch.device) -> None:
         rank, size = world()
         self.config, self.batch_size, self.teacher, self.precision, self.device = (
             config, batch_size, teacher, precision, on)
-        self.rows = rows[rank::size]  # equal shares: the caller checks the count divides by the world size
+        self.rows = rows
+        self.mine = torch.arange(rank, len(rows), size)  # equal shares: the caller makes the count divide
 
     def due(self, step: int, total: int) -> bool:
         return step % self.config.every == 0 or step == total
 
     @torch.no_grad()
     def __call__(self, student: nn.Module) -> dict[str, float]:
-        """val_ce, val_ppl and, with a teacher, val_kl and val_top1_agree (means per predicted token)."""
+        """val_ce, val_ppl and, with a teacher, val_kl and val_top1_agree (means per trained token: every next
+        token of text, the assistant's tokens of chat data)."""
         was_training = student.training
         student.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # ce, kl, agree, tokens
-        for start in range(0, len(self.rows), self.batch_size):
-            ids = self.rows[start:start + self.batch_size].to(self.device)
-            labels = ids[:, 1:]
+        for start in range(0, len(self.mine), self.batch_size):
+            batch = self.rows.batch(self.mine[start:start + self.batch_size], self.device)
+            labels = batch.labels if batch.labels is not None else batch.ids[:, 1:].reshape(-1)
+            # chat data: only the assistant's tokens count (text: all, without copying [N, V] logits to select them)
+            live = (labels != IGNORE_INDEX) if batch.labels is not None else slice(None)
             with autocast(self.precision, self.device):
-                logits = student(ids)  # [B, T-1, V] fp32
-                t_logits = self.teacher.logits(ids) if self.teacher is not None else None
-            sums[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+                logits = student(batch.ids, positions=batch.positions).flatten(0, 1)[live]  # [n, V] fp32
+                t_logits = (self.teacher.logits(batch.ids, batch.positions).flatten(0, 1)[live]
+                            if self.teacher is not None else None)
+            sums[0] += torch.nn.functional.cross_entropy(logits, labels[live], reduction="sum")
             if t_logits is not None:
                 sums[1] += token_divergence(logits, t_logits, "forward_kl").sum()
                 sums[2] += (logits.argmax(-1) == t_logits[..., : logits.shape[-1]].argmax(-1)).sum()
-            sums[3] += labels.numel()
+            sums[3] += len(logits)
         sums = all_sum(sums)
         student.train(was_training)
-        n = sums[3].item()
+        n = max(sums[3].item(), 1.0)
         result = {"val_ce": sums[0].item() / n, "val_ppl": math.exp(min(50.0, sums[0].item() / n))}
         if self.teacher is not None:
             result |= {"val_kl": sums[1].item() / n, "val_top1_agree": sums[2].item() / n}

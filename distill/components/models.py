@@ -25,9 +25,11 @@ class Student(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, ids: torch.Tensor, head_loss: HeadLoss | None = None, **inputs: object):
-        """`head_loss(hidden, head, ids, **inputs)` for training; without one, fp32 logits [B, T-1, V]."""
-        hidden = self.lm.model(input_ids=ids).last_hidden_state[:, :-1]
+    def forward(self, ids: torch.Tensor, head_loss: HeadLoss | None = None, positions: torch.Tensor | None = None,
+                **inputs: object):
+        """`head_loss(hidden, head, ids, **inputs)` for training; without one, fp32 logits [B, T-1, V]. `positions`
+        [B, T] restart at each packed sequence (transformers then keeps attention within each)."""
+        hidden = self.lm.model(input_ids=ids, position_ids=positions).last_hidden_state[:, :-1]
         if head_loss is None:
             with torch.autocast(ids.device.type, enabled=False):
                 return hidden.float() @ self.lm.lm_head.weight.float().T
@@ -42,12 +44,13 @@ class Teacher(nn.Module):
         self.lm = lm.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lm.model(input_ids=ids).last_hidden_state[:, :-1], self.lm.lm_head.weight.detach()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.lm.model(input_ids=ids, position_ids=positions).last_hidden_state[:, :-1]
+        return hidden, self.lm.lm_head.weight.detach()
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        hidden, head = self(ids)
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        hidden, head = self(ids, positions)
         with torch.autocast(ids.device.type, enabled=False):
             return hidden.float() @ head.float().T
 

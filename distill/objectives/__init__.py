@@ -1,8 +1,10 @@
 """Training objectives: small loss modules over the one loop in distill/train.py (same data, checkpoints, FSDP2).
 
 An objective is built once per run from the run's config and data, then called per micro-batch:
-`objective(student, rows, ids, step) -> (loss, metrics)`, where `metrics` holds per-token means by name and their count
-under "tokens" (the loop weights and sums them across micro-batches and ranks). Add one as a module here and a
+`objective(student, batch, step) -> (loss, metrics)`: `loss` is the mean over the micro-batch's trained tokens and
+`metrics` holds per-token means by name and their count under "tokens". The loop turns each mean back into a sum and
+divides by the trained tokens of the whole step (every micro-batch and rank), so gradient accumulation equals one
+big batch whatever the tokens per micro-batch. Add one as a module here and a
 name in `OBJECTIVES` and in `TrainSettings.objective`.
 """
 
@@ -13,8 +15,10 @@ from typing import Protocol
 import torch
 
 from distill.components.models import Student, Teacher
+from distill.data import Batch
 from distill.objectives.kd import Distillation
 from distill.objectives.on_policy import OnPolicyDistillation
+from distill.objectives.sft import SupervisedFineTuning
 
 
 class Objective(Protocol):
@@ -22,10 +26,10 @@ class Objective(Protocol):
 
     def describe(self) -> str: ...  # one line for the log: what the objective runs
 
-    def __call__(self, student: Student, rows: torch.Tensor, ids: torch.Tensor, step: int
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def __call__(self, student: Student, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def close(self) -> None: ...  # stop what it started (a rollout engine)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"kd": Distillation, "gkd": OnPolicyDistillation}
+OBJECTIVES: dict[str, type[Objective]] = {"kd": Distillation, "gkd": OnPolicyDistillation,
+                                          "sft": SupervisedFineTuning}

@@ -11,8 +11,8 @@ import torch
 from distill.common import barrier, is_rank0, resolve_precision
 from distill.components.models import Student, Teacher, load_teacher
 from distill.config import FUSED_MIN_VOCAB, TrainConfig
-from distill.data import BatchSampler, cache_key
-from distill.losses import distill_loss
+from distill.data import Batch, BatchSampler, cache_key
+from distill.losses import LossConfig, distill_loss
 from distill.model_io import check_same_tokenizer
 from distill.teacher_cache import TeacherCache, cache_dir, ensure_cache
 
@@ -21,12 +21,13 @@ class Distillation:
     def __init__(self, config: TrainConfig, student: Student, train_rows: torch.Tensor, sampler: BatchSampler,
                  total_steps: int, on: torch.device, progress: bool = True) -> None:
         self.config, self.device = config, on
-        distilling = config.teacher is not None and config.loss.kd_weight > 0
+        self.loss = self.loss_config(config)
+        distilling = config.teacher is not None and self.loss.kd_weight > 0
         vocab = student.lm.config.vocab_size
         fused = config.fused_loss == "on" or (config.fused_loss == "auto" and vocab >= FUSED_MIN_VOCAB)
         self.fused = fused and not (distilling and config.teacher_top_k)  # the fused loss needs a live teacher
-        if config.loss.head_matmul != "float32" and not self.fused:
-            raise ValueError(f"loss.head_matmul: {config.loss.head_matmul} needs the fused loss (fused_loss: on and "
+        if self.loss.head_matmul != "float32" and not self.fused:
+            raise ValueError(f"loss.head_matmul: {self.loss.head_matmul} needs the fused loss (fused_loss: on and "
                              "a live teacher, no teacher_top_k); the chunked loss computes its head in float32")
         self.cache: TeacherCache | None = None
         self.teacher: Teacher | None = None
@@ -35,16 +36,21 @@ class Distillation:
         elif distilling:
             self.teacher = load_teacher(Path(config.teacher), Path(config.student), vocab, config.attention, on)
 
+    @staticmethod
+    def loss_config(config: TrainConfig) -> LossConfig:
+        """The loss this objective computes (KD: the run's `loss` section as given)."""
+        return config.loss
+
     def describe(self) -> str:
         source = "cached top-k teacher" if self.cache else "live teacher" if self.teacher else "no teacher"
         return f"kd ({source}; {'fused linear' if self.fused else 'chunked (checkpointed)'} loss)"
 
-    def __call__(self, student: Student, rows: torch.Tensor, ids: torch.Tensor, step: int = 0
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        teacher_hidden, teacher_head = self.teacher(ids) if self.teacher is not None else (None, None)
-        topk = tuple(t.to(self.device) for t in self.cache.lookup(rows)) if self.cache is not None else None
-        return student(ids, self._head_loss, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                       teacher_topk=topk)
+    def __call__(self, student: Student, batch: Batch, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        teacher_hidden, teacher_head = (self.teacher(batch.ids, batch.positions) if self.teacher is not None
+                                        else (None, None))
+        topk = tuple(t.to(self.device) for t in self.cache.lookup(batch.rows)) if self.cache is not None else None
+        return student(batch.ids, self._head_loss, positions=batch.positions, teacher_hidden=teacher_hidden,
+                       teacher_head=teacher_head, teacher_topk=topk, labels=batch.labels)
 
     def close(self) -> None:
         """Nothing to stop: the teacher lives in this process."""
@@ -56,7 +62,7 @@ class Distillation:
         if labels is None:
             labels = ids[:, 1:].reshape(-1)  # [B*(T-1)]: position t predicts token t+1
         flat_teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
-        return distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, labels, self.config.loss, flat_teacher,
+        return distill_loss(hidden.reshape(-1, hidden.shape[-1]), head, labels, self.loss, flat_teacher,
                             teacher_head, teacher_topk, fused=self.fused)  # type: ignore[arg-type]
 
 

@@ -23,7 +23,7 @@ from distill.components.checkpointer import full_model_state
 from distill.components.models import Student
 from distill.components.rollouts import RolloutEngine
 from distill.config import TrainConfig
-from distill.data import BatchSampler
+from distill.data import Batch, BatchSampler
 from distill.objectives.kd import Distillation
 from kernels.distill_loss import IGNORE_INDEX
 
@@ -55,13 +55,12 @@ class OnPolicyDistillation(Distillation):
             return True
         return _uniform(self.config.seed, "mix", step) < self.settings.mix
 
-    def __call__(self, student: Student, rows: torch.Tensor, ids: torch.Tensor, step: int = 0
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, student: Student, batch: Batch, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not self.on_policy(step):
-            loss, metrics = super().__call__(student, rows, ids, step)
+            loss, metrics = super().__call__(student, batch, step)
             return loss, {**metrics, "on_policy": torch.zeros(())}
         self._sync(student, step)
-        samples, labels = self._samples(rows, ids, step)
+        samples, labels = self._samples(batch.rows, batch.ids, step)
         teacher_hidden, teacher_head = self.teacher(samples)  # type: ignore[misc]
         loss, metrics = student(samples, self._head_loss, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                                 teacher_topk=None, labels=labels)

@@ -1,0 +1,168 @@
+"""Post-training recipes: `python -m distill sft RECIPE.yaml` (and `make posttrain RECIPE=...`).
+
+A recipe names the model to start from (registry name or checkpoint), an optional teacher, chat data and the train
+settings; the run is the component trainer with the recipe's objective (distill/objectives/), resumed from its last
+checkpoint after an interruption, then exported with a model card and registered under the recipe's name so
+`python -m serve --model NAME` and the evals can use it. A finished run with the same settings is not redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.chat_data import ChatDataConfig
+from distill.common import barrier, is_rank0
+from distill.components.metrics import read_metrics
+from distill.config import TrainConfig, TrainSettings, read_yaml, run_settings, same_settings, validation_problems
+from distill.data import load_splits
+from distill.model_io import load_config
+from distill.train import Trainer
+from models.checkpoint import weights_state
+from models.prepare import prepare
+from models.registry import REGISTRY, cascade_home, get_model, register_model
+
+Objective = Literal["sft"]
+
+
+class PostTrainError(ValueError):
+    pass
+
+
+class PostTrainRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="registry name of the trained model")
+    model: str = Field(description="registry name or checkpoint directory to start from")
+    teacher: str | None = Field(None, description="registry name or checkpoint of a teacher for logit distillation")
+    data: ChatDataConfig
+    epochs: float | None = Field(None, gt=0, description="passes over the training rows (or give tokens)")
+    tokens: int | None = Field(None, gt=0, description="training tokens (rows x seq_len), instead of epochs")
+    train: TrainSettings = TrainSettings(objective="sft")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _budget(self) -> PostTrainRecipe:
+        if (self.epochs is None) == (self.tokens is None):
+            raise ValueError("give exactly one of epochs and tokens")
+        if self.name in REGISTRY:
+            raise ValueError(f"name {self.name!r} is a built-in model; choose another for the trained model")
+        return self
+
+
+def load_posttrain_recipe(path: Path, objective: Objective) -> PostTrainRecipe:
+    """Read and check a recipe before any work; every problem names its key."""
+    raw = read_yaml(path, PostTrainError)
+    train = raw.setdefault("train", {}) or {}
+    if not isinstance(train, dict):
+        raise PostTrainError(f"{path}: train: must be a mapping")
+    if train.setdefault("objective", objective) != objective:
+        raise PostTrainError(f"{path}: train.objective is {train['objective']!r}; this command runs {objective}")
+    raw["train"] = train
+    if isinstance(raw.get("data"), dict):
+        raw["data"].setdefault("format", "chat")
+    try:
+        return PostTrainRecipe.model_validate(raw)
+    except ValidationError as e:
+        raise PostTrainError(f"{path}: {validation_problems(e, 'recipe')}") from e
+
+
+def _checkpoint(name: str) -> Path:
+    return prepare(get_model(name))
+
+
+def run_config(recipe: PostTrainRecipe, runs: Path | None = None) -> TrainConfig:
+    """The recipe as one run's TrainConfig (also checks the run's own rules before any work)."""
+    student = _checkpoint(recipe.model)
+    teacher = _checkpoint(recipe.teacher) if recipe.teacher else None
+    # rendered as the model is served: its registry entry's template and tool/reasoning formats
+    data = recipe.data if recipe.data.template else recipe.data.model_copy(update={"template": recipe.model})
+    if recipe.tokens is not None:
+        tokens = recipe.tokens
+    else:
+        if is_rank0():  # one process renders and caches the rows, the others read them
+            load_splits(data, data.template)  # type: ignore[arg-type]
+        barrier()
+        train, _ = load_splits(data, data.template)  # type: ignore[arg-type]
+        tokens = math.ceil(recipe.epochs * len(train)) * recipe.data.seq_len  # type: ignore[operator]
+    out = (runs or cascade_home() / "runs" / recipe.name) / "train"
+    try:
+        return TrainConfig.model_validate({**dict(recipe.train), "student": str(student),
+                                           "teacher": str(teacher) if teacher else None, "out_dir": str(out),
+                                           "data": data, "tokens": tokens, "seed": recipe.seed})
+    except ValidationError as e:
+        raise PostTrainError(f"recipe {recipe.name}: {validation_problems(e, 'train')}") from e
+
+
+def run_posttrain(recipe: PostTrainRecipe, runs: Path | None = None, progress: bool = True,
+                  register: bool = True) -> dict:
+    """Train (resuming), export, write the card, register (or, `register=False` as benchmarks do, export beside the
+    run only); returns the card."""
+    config = run_config(recipe, runs)
+    out = cascade_home() / "models" / recipe.name if register else Path(config.out_dir).parent / "model"
+    card = _finished(out / "cascade-card.json", config)
+    if card is not None:
+        if is_rank0():
+            print(f"{recipe.name}: already done ({out})")
+    else:
+        trainer = Trainer(config, progress=progress)
+        final = trainer.train(resume=True)
+        metrics = read_metrics(Path(config.out_dir) / "metrics.jsonl") if is_rank0() else []
+        card = {"name": recipe.name, "objective": config.objective, "start": config.student,
+                "start_weights": weights_state(Path(config.student)), "model": recipe.model,
+                "teacher": recipe.teacher, "teacher_weight": config.sft.weight(config.teacher is not None),
+                "data": recipe.data.model_dump(), "tokens_seen": trainer.step * trainer.tokens_per_step,
+                "steps": trainer.step, "before": metrics[0] if metrics else {}, "final": final,
+                "train_seconds": round(trainer.elapsed, 1), "train_config": run_settings(config)}
+        trainer.export(out, card)
+        if is_rank0():
+            (out / "README.md").write_text(model_card(card))
+            before = card["before"]
+            print(f"{recipe.name}: held-out CE {before.get('val_ce', float('nan')):.3f} -> {final['val_ce']:.3f}"
+                  + (f", KL to the teacher {before['val_kl']:.3f} -> {final['val_kl']:.3f}"
+                     if "val_kl" in final and "val_kl" in before else "") + f" ({out})")
+    if is_rank0() and register:
+        base = get_model(recipe.model)
+        family = load_config(out).model_type
+        register_model(dataclasses.replace(
+            base, name=recipe.name, source="local", path=out,
+            family=family if family in ("llama", "mistral", "ministral3") else base.family,
+            description=f"{base.name} post-trained ({config.objective}) by the recipe {recipe.name}",
+            draft_for=None))
+        print(f"registered as {recipe.name}: python -m serve --model {recipe.name}")
+    barrier()
+    return card | {"path": str(out)}
+
+
+def _finished(card_path: Path, config: TrainConfig) -> dict | None:
+    """The card of an earlier run from the same weights with the same settings (settings added since at their
+    defaults)."""
+    if not card_path.is_file():
+        return None
+    card = json.loads(card_path.read_text())
+    same = card.get("start") == config.student and card.get("start_weights") == weights_state(
+        Path(config.student)) and same_settings(
+        card.get("train_config"), run_settings(config), run_settings(config, defaults=False))
+    return card if same else None
+
+
+def model_card(card: dict) -> str:
+    before, after = card["before"], card["final"]
+    rows = [("cross-entropy per assistant token", "val_ce", ".4f"), ("perplexity", "val_ppl", ".2f"),
+            ("KL(teacher ‖ model) per assistant token", "val_kl", ".4f"),
+            ("top-1 agreement with the teacher", "val_top1_agree", ".3f")]
+    table = [f"| {label} | {before.get(key, float('nan')):{fmt}} | {after[key]:{fmt}} |"
+             for label, key, fmt in rows if key in after]
+    return "\n".join([
+        f"# {card['name']}", "",
+        f"`{card['model']}` post-trained with objective `{card['objective']}`"
+        + (f", logit distillation from `{card['teacher']}` (weight {card['teacher_weight']:g})"
+           if card["teacher"] else "") + ".", "",
+        f"- Tokens seen: {card['tokens_seen']:,} in {card['steps']} steps ({card['train_seconds']} s)", "",
+        "| held-out conversations | before | after |", "|---|---|---|", *table, "",
+        f"Data: {json.dumps(card['data'])}", "",
+    ])
