@@ -69,7 +69,15 @@ def first_number(text: str) -> int | None:
 
 
 def correct(problem: Problem, completion: str) -> bool:
+    """The strict check (the task's answer format): the completion's first number is the answer."""
     return first_number(completion) == problem.answer
+
+
+def answered_somewhere(problem: Problem, completion: str) -> bool:
+    """The lenient check, for models that answer in a sentence ("7 plus 2 equals 9."): the last number of the
+    completion's first line is the answer."""
+    numbers = _NUMBER.findall(completion.strip().split("\n")[0])
+    return bool(numbers) and int(numbers[-1]) == problem.answer
 
 
 def write_task(out: Path, digits: int = 1, seed: int = 0) -> dict[str, int]:
@@ -88,9 +96,11 @@ def write_task(out: Path, digits: int = 1, seed: int = 0) -> dict[str, int]:
     return counts
 
 
-def accuracy(model: str | Path, chosen: list[Problem], batch_size: int = 32, max_new_tokens: int = 8) -> float:
-    """Share of `chosen` answered right, greedy, each question alone in a chat rendered as the server renders it
-    (a quick check for benchmarks; the served model gives the same answers through `python -m eval`)."""
+def accuracy(model: str | Path, chosen: list[Problem], batch_size: int = 32, max_new_tokens: int = 16
+             ) -> dict[str, float]:
+    """Shares of `chosen` answered right, greedy, each question alone in a chat rendered as the server renders it:
+    `strict` (the first number is the answer) and `lenient` (the last number of the first line is). A quick check
+    for benchmarks; the served model gives the same answers through `python -m eval`."""
     import torch
 
     from distill.model_io import load_model
@@ -101,7 +111,7 @@ def accuracy(model: str | Path, chosen: list[Problem], batch_size: int = 32, max
     spec = get_model(str(model))
     lm = load_model(prepare(spec)).eval()
     tok = load_tokenizer(spec)
-    right = 0
+    strict = lenient = 0
     for start in range(0, len(chosen), batch_size):
         part = chosen[start:start + batch_size]
         prompts = [tok.encode_chat([{"role": "user", "content": p.question}]) for p in part]
@@ -111,5 +121,10 @@ def accuracy(model: str | Path, chosen: list[Problem], batch_size: int = 32, max
         with torch.no_grad():
             out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               pad_token_id=tok.eos_token_id)
-        right += sum(correct(p, tok.decode(o[width:].tolist())) for p, o in zip(part, out, strict=True))
-    return right / len(chosen)
+        for p, o in zip(part, out, strict=True):
+            generated = o[width:].tolist()
+            text = tok.decode(generated[: generated.index(tok.eos_token_id)] if tok.eos_token_id in generated
+                              else generated)
+            strict += correct(p, text)
+            lenient += answered_somewhere(p, text)
+    return {"strict": strict / len(chosen), "lenient": lenient / len(chosen)}

@@ -53,9 +53,10 @@ def arithmetic(runs: Path) -> dict:
     scores = {}
     for label, model in (("before", recipe.model), ("after", card["path"])):
         scores[label] = {"heldout": accuracy(model, held), "train": accuracy(model, seen)}
-        print(f"arithmetic {label}: held-out {scores[label]['heldout']:.3f}, trained pairs "
-              f"{scores[label]['train']:.3f}", flush=True)
-    return {"model": recipe.model, "heldout_problems": len(held), "train_problems": len(seen), **scores,
+        print(f"arithmetic {label}: held-out {scores[label]['heldout']}, trained pairs {scores[label]['train']}",
+              flush=True)
+    return {"model": recipe.model, "heldout_problems": len(held), "train_problems": len(seen),
+            "val_conversations": recipe.data.val_conversations, **scores,
             "tokens": card["tokens_seen"], "train_s": card["train_seconds"], "tokens_per_s": _speed(card)}
 
 
@@ -85,11 +86,16 @@ def write_report(results: dict, out: Path) -> None:
         " numbers read ±10-15% for speed.", "",
         "## SFT on generated arithmetic (`make posttrain`)", "",
         f"`{a['model']}` fine-tuned on the training split of 1-digit plus/minus/times problems "
-        f"({a['train_problems']} conversations, {a['tokens']:,} tokens, {a['train_s']:.0f} s, "
-        f"{a['tokens_per_s']:.0f} tokens/s); greedy answers, the first number checked:", "",
-        "| | held-out operand pairs | trained operand pairs |", "|---|---|---|",
-        f"| before | {a['before']['heldout']:.3f} | {a['before']['train']:.3f} |",
-        f"| after SFT | {a['after']['heldout']:.3f} | {a['after']['train']:.3f} |", "",
+        f"({a['train_problems']} conversations, {a['val_conversations']} of them the loss curve's validation; "
+        f"{a['tokens']:,} tokens, {a['train_s']:.0f} s, "
+        f"{a['tokens_per_s']:.0f} tokens/s). Greedy answers to each question alone in a chat; strict: the first "
+        "number of the answer is right (the task's format); lenient: the last number of its first line is (an "
+        "answer in a sentence, \"7 plus 2 equals 9.\", counts):", "",
+        "| | held-out pairs, strict | held-out, lenient | trained pairs, strict | trained, lenient |",
+        "|---|---|---|---|---|",
+        *[f"| {label} | {a[key]['heldout']['strict']:.3f} | {a[key]['heldout']['lenient']:.3f} | "
+          f"{a[key]['train']['strict']:.3f} | {a[key]['train']['lenient']:.3f} |"
+          for label, key in (("before", "before"), ("after SFT", "after"))], "",
         f"({a['heldout_problems']} held-out problems: one problem is 1/{a['heldout_problems']} = "
         f"{1 / a['heldout_problems']:.3f}.)", "",
     ]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from distill.arithmetic import correct, first_number, problems
+from distill.arithmetic import answered_somewhere, correct, first_number, problems
 from distill.chat_data import ChatDataConfig, Example, build_chat_tokens, pack, render_conversation
 from distill.components.metrics import read_metrics
 from distill.components.models import Student, Teacher
@@ -275,6 +275,8 @@ def test_arithmetic_task_splits_operand_pairs_and_checks_answers(tmp_path):
     assert len(train) + len(held) == 300 and not {(p.a, p.op, p.b) for p in train} & {(p.a, p.op, p.b) for p in held}
     p = held[0]
     assert correct(p, f" {p.answer}\nQ: next") and not correct(p, f"{p.answer + 1}") and first_number("none") is None
+    sentence = f"{p.a} {p.op} {p.b} equals {p.answer}.\nAnd 99."
+    assert answered_somewhere(p, sentence) and not answered_somewhere(p, f"{p.answer}, no: {p.answer + 1}")
     done = _cli("arithmetic", str(tmp_path / "task"), home=tmp_path / "home")
     assert done.returncode == 0, done.stderr
     lines = (tmp_path / "task" / "sft-train.jsonl").read_text().splitlines()
