@@ -14,6 +14,7 @@ from distill.chat_data import ChatDataConfig
 from distill.common import Precision
 from distill.components.checkpointer import CheckpointConfig
 from distill.components.evaluator import EvalConfig
+from distill.components.lora import LoraSettings
 from distill.components.lr_scheduler import OptimConfig
 from distill.components.rollouts import OnPolicyConfig
 from distill.data import DataConfig
@@ -60,6 +61,8 @@ class TrainSettings(BaseModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
     sft: SFTConfig = SFTConfig()
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight "
+                                      "(distill/components/lora.py); the export holds the adapter and the merged model")
     teacher_top_k: int | None = Field(None, ge=1, description="distill from a cache of the teacher's top-k log-probs "
                                       "+ a tail bucket (computed once, reused across runs) instead of running it")
     fused_loss: Literal["auto", "on", "off"] = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,8 +82,9 @@ def copy_tokenizer(source: Path, dest: Path) -> None:
 
 
 def save_model(model: PreTrainedModel, out: Path, tokenizer_from: Path, extra_files: dict[str, str] | None = None,
-               recipe: str = "distill") -> Path:
-    """Write config + safetensors + the parent's tokenizer files into `out`, atomically."""
+               recipe: str = "distill", also: Callable[[Path], object] | None = None) -> Path:
+    """Write config + safetensors + the parent's tokenizer files into `out`, atomically (`also` writes more into
+    the directory before it appears, e.g. a LoRA adapter)."""
     with atomic_directory(out, recipe) as tmp:
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
@@ -90,4 +92,6 @@ def save_model(model: PreTrainedModel, out: Path, tokenizer_from: Path, extra_fi
         copy_tokenizer(tokenizer_from, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if also is not None:
+            also(tmp)
     return out

@@ -18,6 +18,7 @@ import torch
 from distill.common import all_sum, autocast, barrier, device, is_rank0, shard, world
 from distill.components.checkpointer import Checkpointer, full_model_state
 from distill.components.evaluator import Evaluator
+from distill.components.lora import add_adapters, merged_copy, save_adapter, trainable_share
 from distill.components.lr_scheduler import build_optimizer, lr_at, set_lr
 from distill.components.metrics import MetricsLogger
 from distill.components.models import Student, load_teacher, reinitialise, set_attention
@@ -61,6 +62,9 @@ class Trainer:
         lm = set_attention(load_model(Path(config.student)).to(self.device), config.attention, self.device)
         if config.random_init:
             reinitialise(lm, config.seed)
+        self.adapter = add_adapters(lm, config.lora) if config.lora is not None else None  # lm changed in place
+        if self.adapter is not None:
+            log.info("LoRA rank %d: %d of %d parameters train", config.lora.rank, *trainable_share(lm))  # type: ignore[union-attr]
         self.student = Student(lm)
         self.objective = OBJECTIVES[config.objective](config, self.student, self.train_rows, self.sampler,
                                                       self.total_steps, self.device, progress)
@@ -182,9 +186,16 @@ class Trainer:
         """Write the trained student as a plain HF checkpoint (config + safetensors + the parent's tokenizer)."""
         weights = full_model_state(self.student)
         if is_rank0():
-            lm = self.student.lm if self.world == 1 else load_model(Path(self.config.student))
+            lm, adapter = self.student.lm, self.adapter
+            if self.world > 1:  # the ranks hold shards: a plain copy on rank 0 takes the gathered weights
+                lm = load_model(Path(self.config.student))
+                adapter = add_adapters(lm, self.config.lora) if self.config.lora is not None else None
             lm.load_state_dict({k.removeprefix("lm."): v for k, v in weights.items()})
             extra = {"cascade-card.json": json.dumps(card, indent=1) + "\n"} if card else None
-            save_model(lm, out, Path(self.config.student), extra_files=extra)
+            if adapter is None:
+                save_model(lm, out, Path(self.config.student), extra_files=extra)
+            else:  # the merged model as a plain checkpoint, the adapter beside it in adapter/
+                save_model(merged_copy(adapter), out, Path(self.config.student), extra_files=extra,
+                           also=lambda tmp: save_adapter(adapter, tmp / "adapter"))
         barrier()
         return out

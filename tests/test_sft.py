@@ -326,3 +326,34 @@ def test_shipped_posttrain_recipes_are_valid(path):
 
     recipe = load_posttrain_recipe(path, "sft")
     assert recipe.model == "smollm2-135m-instruct" and recipe.train.objective == "sft"
+
+
+@pytest.mark.usefixtures("sft_home")
+def test_lora_trains_the_adapters_only_and_exports_them_merged_and_alone(micro_chat, tmp_path):
+    from peft import PeftModel
+
+    from distill.model_io import load_model
+
+    trainer = Trainer(_config(micro_chat, tmp_path / "run", teacher=None, lora={"rank": 4, "alpha": 8},
+                              optim={"lr": 1e-2, "warmup_fraction": 0.1}), progress=False)
+    frozen = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if not p.requires_grad}
+    trainable = [n for n, p in trainer.student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable) and len(frozen) > len(trainable) // 2
+    first = trainer.evaluate()
+    final = trainer.train()
+    assert final["val_ce"] < first["val_ce"]
+    for name, p in trainer.student.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name  # the base never moves
+    out = trainer.export(tmp_path / "model")
+    assert {f.name for f in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    merged = load_model(out)
+    assert not any("lora" in k for k in merged.state_dict())  # a plain checkpoint
+    ids = trainer.train_data.ids[:2]
+    with torch.no_grad():
+        trained = trainer.student(ids)
+        torch.testing.assert_close(merged(input_ids=ids).logits[:, :-1].float(), trained, rtol=1e-4, atol=1e-4)
+        again = PeftModel.from_pretrained(load_model(micro_chat["student"]), out / "adapter")  # peft reads ours
+        torch.testing.assert_close(again(input_ids=ids).logits[:, :-1].float(), trained, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(load_model(micro_chat["student"])(input_ids=ids).logits[:, :-1].float(), trained,
+                                  atol=1e-3)  # and it did learn something
