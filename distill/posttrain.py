@@ -66,9 +66,13 @@ def load_posttrain_recipe(path: Path, objective: Objective) -> PostTrainRecipe:
     if isinstance(raw.get("data"), dict):
         raw["data"].setdefault("format", "chat")
     try:
-        return PostTrainRecipe.model_validate(raw)
+        recipe = PostTrainRecipe.model_validate(raw)
+        # the run's own rules (sft needs chat data, a teacher for teacher_weight > 0...) before any model is prepared
+        TrainConfig.model_validate({**dict(recipe.train), "student": recipe.model, "teacher": recipe.teacher,
+                                    "out_dir": "unused", "data": recipe.data, "tokens": 1, "seed": recipe.seed})
     except ValidationError as e:
         raise PostTrainError(f"{path}: {validation_problems(e, 'recipe')}") from e
+    return recipe
 
 
 def _checkpoint(name: str) -> Path:

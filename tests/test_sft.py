@@ -268,6 +268,11 @@ def test_sft_recipe_trains_registers_and_is_not_redone(micro_chat, tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     bad = _cli("sft", str(path), home=home)
     assert bad.returncode == 2 and "train.sft.teacher_weight" in bad.stderr and "Traceback" not in bad.stderr
+    recipe["train"] = {"sft": {"teacher_weight": 0.5}}
+    recipe["teacher"] = None
+    path.write_text(yaml.safe_dump(recipe))
+    bad = _cli("sft", str(path), "--dry-run", home=home)
+    assert bad.returncode == 2 and "distilling needs a teacher" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_arithmetic_task_splits_operand_pairs_and_checks_answers(tmp_path):
