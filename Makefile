@@ -13,6 +13,8 @@ GENERAL_RECIPE ?= distill/recipes/smollm2-general.yaml
 POSTTRAIN_RECIPE ?= distill/recipes/posttrain/smollm2-arithmetic-sft.yaml
 NPROC ?= 1
 DISTILL_ARGS ?=
+# python -m distill, or under torchrun + FSDP2 when NPROC > 1
+DISTILL := $(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC)) -m distill
 CHAT_PROMPTS ?= distill/prompts/general.jsonl
 CHAT_DATA ?= .cache/chat/$(MODEL)-general.jsonl
 SUITE ?= abilities
@@ -72,20 +74,12 @@ bench-serve: model
 # Cascade distillation: prune -> distill -> evaluate -> register, per stage of $(RECIPE). NPROC>1 uses torchrun
 # with FSDP2 (gloo on CPU, NCCL on GPUs). Re-running skips finished steps and resumes training from checkpoints.
 distill: $(STAMP)
-ifeq ($(NPROC),1)
-	$(PY) -m distill cascade $(RECIPE) $(DISTILL_ARGS)
-else
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m distill cascade $(RECIPE) $(DISTILL_ARGS)
-endif
+	$(DISTILL) cascade $(RECIPE) $(DISTILL_ARGS)
 
 # Post-training: SFT on chat data (optionally with logit distillation from a teacher) of $(POSTTRAIN_RECIPE)'s
 # model; the result is registered under the recipe's name. Resumes from checkpoints; a finished run is not redone.
 posttrain: $(STAMP)
-ifeq ($(NPROC),1)
-	$(PY) -m distill sft $(POSTTRAIN_RECIPE) $(DISTILL_ARGS)
-else
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m distill sft $(POSTTRAIN_RECIPE) $(DISTILL_ARGS)
-endif
+	$(DISTILL) sft $(POSTTRAIN_RECIPE) $(DISTILL_ARGS)
 
 # docs/posttrain-results.md: arithmetic SFT of the bundled model (held-out accuracy before/after) and SFT vs SFT with
 # logit distillation of the default recipe's 70M student (`make distill` and `make corpus RECIPE=$(GENERAL_RECIPE)`

@@ -16,7 +16,6 @@ under $CASCADE_HOME/data/<key> like the text data (distill/data.py).
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from distill.data import DataError, jsonl_records, tokenizer_digest
+from distill.data import DataError, jsonl_records, matching_files, tokenizer_digest
 from models.checkpoint import atomic_directory, is_prepared
 from models.registry import ModelSpec, cascade_home, get_model
 from models.tokenizers import ChatTemplateError, ChatTokenizer, load_tokenizer
@@ -161,19 +160,18 @@ def render_conversation(record: dict[str, Any], spec: ModelSpec, tokenizer: Chat
             for prompt, answered in turns]
 
 
-def _paths(config: ChatDataConfig) -> list[str]:
+def _files(config: ChatDataConfig) -> list[tuple[str, Path]]:
+    """(name, path) of the conversation files: the task's, or what the globs match."""
     if config.task is not None:
-        return [str(config.task.train_file())]
-    paths = sorted({p for pattern in config.paths for p in glob.glob(os.path.expanduser(pattern), recursive=True)})
-    if not paths:
-        raise DataError(f"no files match {config.paths}")
-    return paths
+        path = config.task.train_file()
+        return [(path.name, path)]
+    return matching_files([os.path.expanduser(pattern) for pattern in config.paths])
 
 
 def chat_cache_key(config: ChatDataConfig, spec: ModelSpec, tokenizer: ChatTokenizer) -> str:
     """Everything the rows depend on: the files, the vocabulary, and how the model renders a chat (its template
     and formats: two models sharing a tokenizer.json may render differently)."""
-    files = [(p, (st := Path(p).stat()).st_size, st.st_mtime_ns) for p in _paths(config)]
+    files = [(str(p), (st := p.stat()).st_size, st.st_mtime_ns) for _, p in _files(config)]
     rendering = {"chat_format": spec.chat_format, "tool_format": spec.tool_format,
                  "reasoning_format": spec.reasoning_format, "template": tokenizer.info().get("chat_template")}
     payload = json.dumps({"config": config.model_dump(), "tokenizer": tokenizer_digest(spec.checkpoint_dir),
@@ -225,14 +223,11 @@ def build_chat_tokens(config: ChatDataConfig, model: str | Path) -> dict[str, to
     out = cascade_home() / "data" / chat_cache_key(config, spec, tokenizer)
     if is_prepared(out, CHAT_DATA_VERSION):
         return _widen(load_file(out / "tokens.safetensors"))
-    paths = _paths(config)
-    root = Path(os.path.commonpath(paths)) if len(paths) > 1 else Path(paths[0]).parent
     named: list[tuple[str, list[Example]]] = []
-    for name in paths:
-        path = Path(name)
+    for name, path in _files(config):
         for n, record in tqdm(jsonl_records(path), desc=f"render {path.name}", unit="conversation"):
             try:
-                named.append((f"{path.relative_to(root)}:{n}", render_conversation(record, spec, tokenizer)))
+                named.append((f"{name}:{n}", render_conversation(record, spec, tokenizer)))
             except DataError as e:
                 raise DataError(f"{path}:{n}: {e}") from e
     if len(named) <= config.val_conversations:

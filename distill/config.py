@@ -134,7 +134,7 @@ class TrainConfig(TrainSettings):
             raise ValueError("objective gkd samples continuations of text rows; with chat data use sft or kd")
         if chat and self.teacher_top_k is not None:
             raise ValueError("teacher_top_k caches the teacher on text data; with chat data the teacher runs live")
-        if self.objective == "sft" and self.sft.weight(self.teacher is not None) > 0 and self.teacher is None:
+        if self.objective == "sft" and self.teacher is None and self.sft.teacher_weight:
             raise ValueError(f"sft.teacher_weight is {self.sft.teacher_weight}: distilling needs a teacher")
         return self
 

@@ -139,16 +139,20 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
         yield n, record
 
 
-def file_documents(patterns: list[str], tokenizer) -> Iterator[tuple[str, list[int] | str]]:
-    """Documents named relative to the files' common folder: the validation split (a hash of the names) stays the
-    same wherever the data lives."""
+def matching_files(patterns: list[str]) -> list[tuple[str, Path]]:
+    """(name, path) of every file the globs match, sorted, each named relative to their common folder: a split by a
+    hash of the names stays the same wherever the data lives. DataError when nothing matches."""
     paths = sorted({p for pattern in patterns for p in glob.glob(pattern, recursive=True)})
     if not paths:
         raise DataError(f"no files match {patterns}")
     root = Path(os.path.commonpath(paths)) if len(paths) > 1 else Path(paths[0]).parent
-    for name in paths:
-        path = Path(name)
-        doc = f"files/{path.relative_to(root)}"
+    return [(str(Path(p).relative_to(root)), Path(p)) for p in paths]
+
+
+def file_documents(patterns: list[str], tokenizer) -> Iterator[tuple[str, list[int] | str]]:
+    """Documents named relative to the files' common folder (matching_files)."""
+    for name, path in matching_files(patterns):
+        doc = f"files/{name}"
         if path.suffix != ".jsonl":
             yield doc, path.read_text(encoding="utf-8", errors="replace")
             continue
