@@ -1,4 +1,4 @@
-"""`python -m distill cascade RECIPE.yaml` | `sft RECIPE.yaml` (post-training) | `corpus RECIPE.yaml` |
+"""`python -m distill cascade RECIPE.yaml` | `sft|prefer|posttrain RECIPE.yaml` (post-training) | `corpus RECIPE.yaml` |
 `train CONFIG.yaml` | `plan --model M --params 100M` | `answers PROMPTS.jsonl OUT.jsonl --teacher M` (chat data: the
 teacher's answers, through our server) | `arithmetic OUT_DIR` (the generated arithmetic task's files).
 
@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     cascade.add_argument("recipe", type=Path)
     cascade.add_argument("--runs", type=Path, help="working directory (default $CASCADE_HOME/runs/<recipe name>)")
     cascade.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan only")
-    sft = sub.add_parser("sft", help="post-train a model on chat data (SFT, optionally with logit distillation), "
-                         "then register it")
-    sft.add_argument("recipe", type=Path)
-    sft.add_argument("--runs", type=Path, help="working directory (default $CASCADE_HOME/runs/<recipe name>)")
-    sft.add_argument("--dry-run", action="store_true", help="check the recipe and print the run's settings only")
+    for name, what in (("sft", "on chat data (SFT, optionally with logit distillation)"),
+                       ("prefer", "on preference pairs (GPO: DPO, IPO, SLiC, ... against a frozen reference)"),
+                       ("posttrain", "with the recipe's train.objective (default sft)")):
+        command = sub.add_parser(name, help=f"post-train a model {what}, then register it")
+        command.add_argument("recipe", type=Path)
+        command.add_argument("--runs", type=Path, help="working directory (default $CASCADE_HOME/runs/<recipe name>)")
+        command.add_argument("--dry-run", action="store_true", help="check the recipe and print the run's settings")
     arithmetic = sub.add_parser("arithmetic", help="write the arithmetic task: SFT conversations per split and the "
                                 "held-out problems")
     arithmetic.add_argument("out", type=Path)
@@ -111,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, count in write_task(args.out, args.digits, args.seed).items():
                 print(f"{count:6d} {args.out / name}")
             return 0
-        if args.command == "sft":
-            recipe = load_posttrain_recipe(args.recipe, "sft")
+        if args.command in ("sft", "prefer", "posttrain"):
+            recipe = load_posttrain_recipe(args.recipe, None if args.command == "posttrain" else args.command)
             if args.dry_run:
                 print(yaml.safe_dump(run_config(recipe, args.runs).model_dump(mode="json", exclude_defaults=True),
                                      sort_keys=False), end="")

@@ -5,7 +5,8 @@ signal to sharpen, and a right answer is checkable by a regex. Operand pairs are
 by a seeded hash of the problem, so a held-out score measures problems never trained on. Questions use bigbench's
 wording ("What is 7 plus 2?"); the answer is the number alone.
 
-`python -m distill arithmetic OUT_DIR` writes `sft-train.jsonl` / `sft-heldout.jsonl` (conversations) and
+`python -m distill arithmetic OUT_DIR` writes `sft-train.jsonl` / `sft-heldout.jsonl` (conversations),
+`prefer-train.jsonl` / `prefer-heldout.jsonl` (the right answer chosen over a plausible wrong one) and
 `heldout.jsonl` (problems with answers, for scoring).
 """
 
@@ -48,6 +49,21 @@ class Problem:
                              {"role": "assistant", "content": str(self.answer) if answer is None else answer}]}
 
 
+def wrong_answer(problem: Problem, seed: int = 0) -> int:
+    """A plausible mistake, fixed by (seed, problem): off by one or two, or another operation's result (the slips
+    a small model makes: "7 times 2" -> 9)."""
+    others = {OPERATIONS[op](problem.a, problem.b) for op in OPERATIONS if op != problem.op}
+    candidates = sorted({problem.answer + d for d in (-2, -1, 1, 2)} | others - {problem.answer})
+    digest = hashlib.sha256(f"wrong:{seed}:{problem.a}:{problem.op}:{problem.b}".encode()).digest()
+    return candidates[int.from_bytes(digest[:8], "big") % len(candidates)]
+
+
+def preference_pair(problem: Problem, seed: int = 0) -> dict:
+    """A preference record (distill/pair_data.py): the right answer chosen over a wrong one."""
+    return {"prompt": [{"role": "user", "content": problem.question}], "chosen": str(problem.answer),
+            "rejected": str(wrong_answer(problem, seed))}
+
+
 def split_of(problem: Problem, seed: int = 0, heldout_share: float = 0.5) -> Split:
     digest = hashlib.sha256(f"{seed}:{problem.a}:{problem.op}:{problem.b}".encode()).digest()
     return "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < heldout_share else "train"
@@ -81,13 +97,15 @@ def answered_somewhere(problem: Problem, completion: str) -> bool:
 
 
 def write_task(out: Path, digits: int = 1, seed: int = 0) -> dict[str, int]:
-    """The SFT conversations of each split and the held-out problems; returns counts per file."""
+    """The SFT conversations and preference pairs of each split and the held-out problems; returns counts per
+    file."""
     counts = {}
     for split in ("train", "heldout"):
         chosen = problems(split, digits, seed)  # type: ignore[arg-type]
-        name = f"sft-{split}.jsonl"
-        write_text_atomic(out / name, "".join(json.dumps(p.conversation()) + "\n" for p in chosen))
-        counts[name] = len(chosen)
+        for kind, record in (("sft", Problem.conversation), ("prefer", lambda p: preference_pair(p, seed))):
+            name = f"{kind}-{split}.jsonl"
+            write_text_atomic(out / name, "".join(json.dumps(record(p)) + "\n" for p in chosen))
+            counts[name] = len(chosen)
     held = problems("heldout", digits, seed)
     write_text_atomic(out / "heldout.jsonl", "".join(
         json.dumps({"question": p.question, "answer": p.answer, "a": p.a, "op": p.op, "b": p.b}) + "\n"

@@ -50,10 +50,11 @@ class TaskConfig(BaseModel):
     def folder(self) -> Path:
         return cascade_home() / "tasks" / f"{self.name}-{self.digits}digit-seed{self.seed}"
 
-    def train_file(self) -> Path:
+    def train_file(self, kind: Literal["sft", "prefer"] = "sft") -> Path:
+        """The training split as conversations (sft) or preference pairs (prefer), written on first use."""
         from distill.arithmetic import write_task
 
-        path = self.folder() / "sft-train.jsonl"
+        path = self.folder() / f"{kind}-train.jsonl"
         if not path.is_file():
             write_task(self.folder(), self.digits, self.seed)
         return path
@@ -160,23 +161,24 @@ def render_conversation(record: dict[str, Any], spec: ModelSpec, tokenizer: Chat
             for prompt, answered in turns]
 
 
-def _files(config: ChatDataConfig) -> list[tuple[str, Path]]:
-    """(name, path) of the conversation files: the task's, or what the globs match."""
+def source_files(config: Any) -> list[tuple[str, Path]]:
+    """(name, path) of a chat or pairs config's files: its task's training split, or what its globs match."""
     if config.task is not None:
-        path = config.task.train_file()
+        path = config.task.train_file("prefer" if config.format == "pairs" else "sft")
         return [(path.name, path)]
     return matching_files([os.path.expanduser(pattern) for pattern in config.paths])
 
 
-def chat_cache_key(config: ChatDataConfig, spec: ModelSpec, tokenizer: ChatTokenizer) -> str:
-    """Everything the rows depend on: the files, the vocabulary, and how the model renders a chat (its template
-    and formats: two models sharing a tokenizer.json may render differently)."""
-    files = [(str(p), (st := p.stat()).st_size, st.st_mtime_ns) for _, p in _files(config)]
+def chat_cache_key(config: Any, spec: ModelSpec, tokenizer: ChatTokenizer, version: str = CHAT_DATA_VERSION
+                   ) -> str:
+    """Everything the rows of a chat or pairs config depend on: the files, the vocabulary, and how the model
+    renders a chat (its template and formats: two models sharing a tokenizer.json may render differently)."""
+    files = [(str(p), (st := p.stat()).st_size, st.st_mtime_ns) for _, p in source_files(config)]
     rendering = {"chat_format": spec.chat_format, "tool_format": spec.tool_format,
                  "reasoning_format": spec.reasoning_format, "template": tokenizer.info().get("chat_template")}
     payload = json.dumps({"config": config.model_dump(), "tokenizer": tokenizer_digest(spec.checkpoint_dir),
                           "rendering": rendering, "files": files, "python": sys.version_info[:2],
-                          "version": CHAT_DATA_VERSION}, sort_keys=True)
+                          "version": version}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -224,7 +226,7 @@ def build_chat_tokens(config: ChatDataConfig, model: str | Path) -> dict[str, to
     if is_prepared(out, CHAT_DATA_VERSION):
         return _widen(load_file(out / "tokens.safetensors"))
     named: list[tuple[str, list[Example]]] = []
-    for name, path in _files(config):
+    for name, path in source_files(config):
         for n, record in tqdm(jsonl_records(path), desc=f"render {path.name}", unit="conversation"):
             try:
                 named.append((f"{name}:{n}", render_conversation(record, spec, tokenizer)))
@@ -233,8 +235,7 @@ def build_chat_tokens(config: ChatDataConfig, model: str | Path) -> dict[str, to
     if len(named) <= config.val_conversations:
         raise DataError(f"{len(named)} conversations: need more than data.val_conversations "
                         f"({config.val_conversations}) to train on anything")
-    # the split is by a seeded hash of each conversation's name: the same wherever the files live
-    named.sort(key=lambda item: hashlib.sha256(f"{config.seed}:{item[0]}".encode()).hexdigest())
+    named = seeded_order(named, config.seed)
     val = [ex for _, exs in named[: config.val_conversations] for ex in exs]
     train = [ex for _, exs in named[config.val_conversations:] for ex in exs]
     shards: dict[str, torch.Tensor] = {}
@@ -256,6 +257,12 @@ def build_chat_tokens(config: ChatDataConfig, model: str | Path) -> dict[str, to
              "%d cut at seq_len (%s)", len(named), stats["train"]["rows"], stats["train"]["target_tokens"],
              stats["val"]["rows"], config.seq_len, stats["train"]["cut"] + stats["val"]["cut"], out)
     return _widen(shards)
+
+
+def seeded_order(named: list[tuple[str, Any]], seed: int) -> list[tuple[str, Any]]:
+    """Records in the order of a seeded hash of their names (file:line): the held-out split is the first ones,
+    the same wherever the files live."""
+    return sorted(named, key=lambda item: hashlib.sha256(f"{seed}:{item[0]}".encode()).hexdigest())
 
 
 def _widen(shards: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

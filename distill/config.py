@@ -19,12 +19,13 @@ from distill.components.lr_scheduler import OptimConfig
 from distill.components.rollouts import OnPolicyConfig
 from distill.data import DataConfig
 from distill.losses import LossConfig
+from distill.pair_data import PairDataConfig
 
 
-def _data_format(value: Any) -> str:
+def data_format(value: Any) -> str:
     """Which data config a `data:` section is: chat data says so, text data may (it is the default)."""
     found = value.get("format", "text") if isinstance(value, dict) else getattr(value, "format", "text")
-    return found if found in ("text", "chat") else "text"  # an unknown format fails in DataConfig, named
+    return found if found in ("text", "chat", "pairs") else "text"  # an unknown format fails in DataConfig, named
 
 
 FUSED_MIN_VOCAB = 65536  # Mistral's 131k Tekken vocabulary: where [tokens x vocab] logits dominate memory
@@ -43,13 +44,30 @@ class SFTConfig(BaseModel):
         return 1.0 if has_teacher else 0.0
 
 
+GPOLoss = Literal["logistic", "squared", "hinge", "exponential", "truncated_quadratic", "savage"]
+
+
+class PreferenceConfig(BaseModel):
+    """objective prefer (distill/objectives/preference.py): GPO, loss f(beta * delta) per pair."""
+    model_config = ConfigDict(extra="forbid")
+    loss: GPOLoss = Field("logistic", description="the convex f: logistic (DPO), squared (IPO), hinge (SLiC), "
+                          "exponential, truncated_quadratic, savage")
+    beta: float = Field(0.1, gt=0, description="scale of the log-ratio margin; the regularisation strength is "
+                        "beta x f''(0)/|f'(0)| (logistic 1/2, squared 1, hinge 0): IPO matches DPO at about beta/2")
+    average_logprobs: bool = Field(False, description="log-ratios per answer token (TRL's ipo convention) instead "
+                                   "of per answer")
+    reference: str | None = Field(None, description="checkpoint of the frozen reference policy (default: the "
+                                  "student's starting weights; with LoRA the student with its adapters off, no copy)")
+
+
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    objective: Literal["kd", "gkd", "sft"] = Field(
+    objective: Literal["kd", "gkd", "sft", "prefer"] = Field(
         "kd", description="the loss module over the shared loop (distill/objectives/): kd = KD from the teacher "
                           "on the data (+ optional cross-entropy; cross-entropy only without a teacher); gkd = "
                           "on-policy KD on the student's own samples for a share `on_policy.mix` of the steps; sft = "
-                          "chat data, the assistant's tokens only, CE and/or KL to a teacher (`sft`)")
+                          "chat data, the assistant's tokens only, CE and/or KL to a teacher (`sft`); prefer = "
+                          "preference pairs, a GPO loss against a frozen reference (`prefer`)")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     precision: Precision = Field(
@@ -61,6 +79,7 @@ class TrainSettings(BaseModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
     sft: SFTConfig = SFTConfig()
+    prefer: PreferenceConfig = PreferenceConfig()
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight "
                                       "(distill/components/lora.py); the export holds the adapter and the merged model")
     teacher_top_k: int | None = Field(None, ge=1, description="distill from a cache of the teacher's top-k log-probs "
@@ -83,6 +102,8 @@ class TrainSettings(BaseModel):
                              "(1 - a) CE + a KL); set that instead")
         if self.objective != "sft" and self.sft != SFTConfig():
             raise ValueError(f"the sft section is for objective sft, not {self.objective}")
+        if self.objective != "prefer" and self.prefer != PreferenceConfig():
+            raise ValueError(f"the prefer section is for objective prefer, not {self.objective}")
         return self
 
     @model_validator(mode="after")
@@ -104,8 +125,8 @@ class TrainConfig(TrainSettings):
     teacher: str | None = Field(None, description="teacher checkpoint; None trains with cross-entropy only")
     eval_teacher: str | None = Field(None, description="teacher for KL-to-teacher in evaluation (default: teacher)")
     out_dir: str
-    data: Annotated[Annotated[DataConfig, Tag("text")] | Annotated[ChatDataConfig, Tag("chat")],
-                    Discriminator(_data_format)]
+    data: Annotated[Annotated[DataConfig, Tag("text")] | Annotated[ChatDataConfig, Tag("chat")]
+                    | Annotated[PairDataConfig, Tag("pairs")], Discriminator(data_format)]
     tokens: int = Field(gt=0, description="token budget; steps = tokens / tokens per step, rounded up")
     random_init: bool = Field(False, description="re-initialise the student's weights (the from-scratch baseline)")
     seed: int = 0
@@ -113,7 +134,7 @@ class TrainConfig(TrainSettings):
     def data_model(self) -> str:
         """Whose tokenizer makes the rows: text with the teacher's (the student must share it); chat data rendered
         as the model is served (the student's template and tool/reasoning formats, or `data.template`'s)."""
-        if isinstance(self.data, ChatDataConfig):
+        if isinstance(self.data, ChatDataConfig | PairDataConfig):
             return self.data.template or self.student
         return self.teacher or self.student
 
@@ -136,6 +157,13 @@ class TrainConfig(TrainSettings):
             raise ValueError("teacher_top_k caches the teacher on text data; with chat data the teacher runs live")
         if self.objective == "sft" and self.teacher is None and self.sft.teacher_weight:
             raise ValueError(f"sft.teacher_weight is {self.sft.teacher_weight}: distilling needs a teacher")
+        pairs = self.data.format == "pairs"
+        if pairs != (self.objective == "prefer"):
+            raise ValueError("objective prefer trains on preference pairs (data.format: pairs, distill/pair_data.py)"
+                             if not pairs else f"data.format pairs is for objective prefer, not {self.objective}")
+        if self.objective == "prefer" and (self.teacher is not None or self.teacher_top_k is not None):
+            raise ValueError("objective prefer compares the policy with its frozen reference (prefer.reference), "
+                             "not a teacher; use eval_teacher to measure KL to one")
         return self
 
     @model_validator(mode="after")
@@ -187,7 +215,7 @@ def validation_problems(error: ValidationError, root: str = "config") -> str:
     problems = []
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]
-        if len(loc) > 1 and loc[0] == "data" and loc[1] in ("text", "chat"):
+        if len(loc) > 1 and loc[0] == "data" and loc[1] in ("text", "chat", "pairs"):
             del loc[1]
         problems.append(f"{'.'.join(loc) or root}: {err['msg']}")
     return "; ".join(problems)

@@ -43,6 +43,7 @@ from models.tokenizers import ChatTemplateError, load_tokenizer
 if TYPE_CHECKING:
     from distill.chat_data import ChatDataConfig
     from distill.corpus import NgramIndex
+    from distill.pair_data import PairDataConfig
 
 log = logging.getLogger(__name__)
 
@@ -354,45 +355,62 @@ class BatchSampler:
 class Batch:
     """One micro-batch as an objective receives it."""
     rows: torch.Tensor  # [B] row ids in the training split (what a teacher cache is keyed on)
-    ids: torch.Tensor  # [B, T]
+    ids: torch.Tensor  # [B, T]; preference pairs: [2B, T], the B chosen answers then the B rejected ones
     labels: torch.Tensor | None = None  # [B*(T-1)] next tokens, IGNORE_INDEX where not trained (None: all train)
     positions: torch.Tensor | None = None  # [B, T] restarting at each packed conversation (None: 0..T-1)
+    preference: torch.Tensor | None = None  # [B] pairs only: P(chosen is better), 1 for a hard label
 
 
 @dataclass
 class TokenRows:
-    """One split's packed rows: ids [N, T]; for chat data also which tokens train (targets [N, T], the assistant's)
-    and position ids [N, T] (distill/chat_data.py)."""
+    """One split's rows: ids [N, T]; for chat data also which tokens train (targets [N, T], the assistant's) and
+    position ids [N, T] (distill/chat_data.py); for preference pairs ids and targets [N, 2, T] (chosen, rejected)
+    and the soft labels p [N] (distill/pair_data.py)."""
     ids: torch.Tensor
     targets: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    p: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def batch(self, rows: torch.Tensor, on: torch.device) -> Batch:
         ids = self.ids[rows].to(on)
+        targets = self.targets[rows].to(on) if self.targets is not None else None
+        if self.p is not None:  # [B, 2, T] -> [2B, T]: the chosen answers, then the rejected ones
+            ids = ids.transpose(0, 1).reshape(-1, ids.shape[-1])
+            targets = targets.transpose(0, 1).reshape(-1, ids.shape[-1])  # type: ignore[union-attr]
         labels = positions = None
-        if self.targets is not None:  # position t predicts token t+1: it trains where t+1 is a target
-            labels = ids[:, 1:].masked_fill(~self.targets[rows, 1:].to(on), IGNORE_INDEX).reshape(-1)
+        if targets is not None:  # position t predicts token t+1: it trains where t+1 is a target
+            labels = ids[:, 1:].masked_fill(~targets[:, 1:], IGNORE_INDEX).reshape(-1)
         if self.positions is not None:
             positions = self.positions[rows].to(on)
-        return Batch(rows, ids, labels, positions)
+        return Batch(rows, ids, labels, positions, self.p[rows].to(on) if self.p is not None else None)
 
     def padded(self, multiple: int) -> TokenRows:
         """Rows added (nothing in them trains) up to a multiple of `multiple`: every rank evaluates as many."""
         extra = -len(self) % multiple
         if not extra:
             return self
-        if self.targets is None or self.positions is None:
+        if self.targets is None:
             raise ValueError(f"{len(self)} rows of text do not divide among {multiple} processes")
-        return TokenRows(torch.cat([self.ids, self.ids[:1].expand(extra, -1)]),
-                         torch.cat([self.targets, self.targets.new_zeros((extra, self.targets.shape[1]))]),
-                         torch.cat([self.positions, self.positions[:1].expand(extra, -1)]))
+        first = (extra, *self.ids.shape[1:])
+        return TokenRows(torch.cat([self.ids, self.ids[:1].expand(first)]),
+                         torch.cat([self.targets, self.targets.new_zeros(first)]),
+                         torch.cat([self.positions, self.positions[:1].expand(first)])
+                         if self.positions is not None else None,
+                         torch.cat([self.p, self.p.new_full((extra,), 0.5)]) if self.p is not None else None)
 
 
-def load_splits(config: DataConfig | ChatDataConfig, model: str | Path) -> tuple[TokenRows, TokenRows]:
-    """(train, validation) rows of text or chat data, built and cached on first use."""
+def load_splits(config: DataConfig | ChatDataConfig | PairDataConfig, model: str | Path
+                ) -> tuple[TokenRows, TokenRows]:
+    """(train, validation) rows of text, chat data or preference pairs, built and cached on first use."""
+    if config.format == "pairs":
+        from distill.pair_data import build_pair_tokens
+
+        shards = build_pair_tokens(config, model)
+        return (TokenRows(shards["train"], shards["train_targets"], p=shards["train_p"]),
+                TokenRows(shards["val"], shards["val_targets"], p=shards["val_p"]))
     if config.format == "chat":
         from distill.chat_data import build_chat_tokens
 

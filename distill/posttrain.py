@@ -1,7 +1,8 @@
-"""Post-training recipes: `python -m distill sft RECIPE.yaml` (and `make posttrain RECIPE=...`).
+"""Post-training recipes: `python -m distill sft|prefer RECIPE.yaml` (and `make posttrain POSTTRAIN_RECIPE=...`).
 
-A recipe names the model to start from (registry name or checkpoint), an optional teacher, chat data and the train
-settings; the run is the component trainer with the recipe's objective (distill/objectives/), resumed from its last
+A recipe names the model to start from (registry name or checkpoint), an optional teacher, chat data (sft) or
+preference pairs (prefer) and the train settings; the run is the component trainer with the recipe's objective
+(distill/objectives/), resumed from its last
 checkpoint after an interruption, then exported with a model card and registered under the recipe's name so
 `python -m serve --model NAME` and the evals can use it. A finished run with the same settings is not redone.
 """
@@ -12,22 +13,32 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from distill.chat_data import ChatDataConfig
 from distill.common import barrier, is_rank0
 from distill.components.metrics import read_metrics
-from distill.config import TrainConfig, TrainSettings, read_yaml, run_settings, same_settings, validation_problems
+from distill.config import (
+    TrainConfig,
+    TrainSettings,
+    data_format,
+    read_yaml,
+    run_settings,
+    same_settings,
+    validation_problems,
+)
 from distill.data import load_splits
 from distill.model_io import load_config
+from distill.pair_data import PairDataConfig
 from distill.train import Trainer
 from models.checkpoint import weights_state
 from models.prepare import prepare
 from models.registry import REGISTRY, cascade_home, get_model, register_model
 
-Objective = Literal["sft"]
+Objective = Literal["sft", "prefer"]
+DATA_FORMAT = {"sft": "chat", "prefer": "pairs"}
 
 
 class PostTrainError(ValueError):
@@ -39,7 +50,8 @@ class PostTrainRecipe(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="registry name of the trained model")
     model: str = Field(description="registry name or checkpoint directory to start from")
     teacher: str | None = Field(None, description="registry name or checkpoint of a teacher for logit distillation")
-    data: ChatDataConfig
+    data: Annotated[Annotated[ChatDataConfig, Tag("chat")] | Annotated[PairDataConfig, Tag("pairs")],
+                    Discriminator(data_format)]
     epochs: float | None = Field(None, gt=0, description="passes over the training rows (or give tokens)")
     tokens: int | None = Field(None, gt=0, description="training tokens (rows x seq_len), instead of epochs")
     train: TrainSettings = TrainSettings(objective="sft")
@@ -54,17 +66,20 @@ class PostTrainRecipe(BaseModel):
         return self
 
 
-def load_posttrain_recipe(path: Path, objective: Objective) -> PostTrainRecipe:
-    """Read and check a recipe before any work; every problem names its key."""
+def load_posttrain_recipe(path: Path, objective: Objective | None) -> PostTrainRecipe:
+    """Read and check a recipe before any work; every problem names its key. `objective` is the command's (None:
+    the recipe's own train.objective, default sft)."""
     raw = read_yaml(path, PostTrainError)
     train = raw.setdefault("train", {}) or {}
     if not isinstance(train, dict):
         raise PostTrainError(f"{path}: train: must be a mapping")
-    if train.setdefault("objective", objective) != objective:
-        raise PostTrainError(f"{path}: train.objective is {train['objective']!r}; this command runs {objective}")
+    given = train.setdefault("objective", objective or "sft")
+    if given not in DATA_FORMAT or (objective is not None and given != objective):
+        runs = objective or " or ".join(DATA_FORMAT)
+        raise PostTrainError(f"{path}: train.objective is {given!r}; this command runs {runs}")
     raw["train"] = train
     if isinstance(raw.get("data"), dict):
-        raw["data"].setdefault("format", "chat")
+        raw["data"].setdefault("format", DATA_FORMAT[given])
     try:
         recipe = PostTrainRecipe.model_validate(raw)
         # the run's own rules (sft needs chat data, a teacher for teacher_weight > 0...) before any model is prepared
@@ -92,7 +107,7 @@ def run_config(recipe: PostTrainRecipe, runs: Path | None = None) -> TrainConfig
             load_splits(data, data.template)  # type: ignore[arg-type]
         barrier()
         train, _ = load_splits(data, data.template)  # type: ignore[arg-type]
-        tokens = math.ceil(recipe.epochs * len(train)) * recipe.data.seq_len  # type: ignore[operator]
+        tokens = math.ceil(recipe.epochs * len(train)) * train.ids[0].numel()  # type: ignore[operator]
     out = (runs or cascade_home() / "runs" / recipe.name) / "train"
     try:
         return TrainConfig.model_validate({**dict(recipe.train), "student": str(student),
@@ -119,6 +134,7 @@ def run_posttrain(recipe: PostTrainRecipe, runs: Path | None = None, progress: b
         card = {"name": recipe.name, "objective": config.objective, "start": config.student,
                 "start_weights": weights_state(Path(config.student)), "model": recipe.model,
                 "teacher": recipe.teacher, "teacher_weight": config.sft.weight(config.teacher is not None),
+                "prefer": config.prefer.model_dump() if config.objective == "prefer" else None,
                 "data": recipe.data.model_dump(), "tokens_seen": trainer.step * trainer.tokens_per_step,
                 "steps": trainer.step, "before": metrics[0] if metrics else {}, "final": final,
                 "train_seconds": round(trainer.elapsed, 1), "train_config": run_settings(config)}
@@ -128,7 +144,9 @@ def run_posttrain(recipe: PostTrainRecipe, runs: Path | None = None, progress: b
             before = card["before"]
             print(f"{recipe.name}: held-out CE {before.get('val_ce', float('nan')):.3f} -> {final['val_ce']:.3f}"
                   + (f", KL to the teacher {before['val_kl']:.3f} -> {final['val_kl']:.3f}"
-                     if "val_kl" in final and "val_kl" in before else "") + f" ({out})")
+                     if "val_kl" in final and "val_kl" in before else "")
+                  + (f", held-out preference accuracy {before['val_reward_accuracy']:.3f} -> "
+                     f"{final['val_reward_accuracy']:.3f}" if "val_reward_accuracy" in before else "") + f" ({out})")
     if is_rank0() and register:
         base = get_model(recipe.model)
         family = load_config(out).model_type
@@ -156,16 +174,21 @@ def _finished(card_path: Path, config: TrainConfig) -> dict | None:
 
 def model_card(card: dict) -> str:
     before, after = card["before"], card["final"]
-    rows = [("cross-entropy per assistant token", "val_ce", ".4f"), ("perplexity", "val_ppl", ".2f"),
+    rows = [("cross-entropy per assistant token" + (" (chosen answers)" if card.get("prefer") else ""), "val_ce",
+             ".4f"), ("perplexity", "val_ppl", ".2f"),
             ("KL(teacher ‖ model) per assistant token", "val_kl", ".4f"),
-            ("top-1 agreement with the teacher", "val_top1_agree", ".3f")]
+            ("top-1 agreement with the teacher", "val_top1_agree", ".3f"),
+            ("pairs ranked right (delta > 0)", "val_reward_accuracy", ".3f"),
+            ("margin beta x delta", "val_margin", ".3f"), ("preference loss", "val_loss", ".4f")]
     table = [f"| {label} | {before.get(key, float('nan')):{fmt}} | {after[key]:{fmt}} |"
              for label, key, fmt in rows if key in after]
     return "\n".join([
         f"# {card['name']}", "",
         f"`{card['model']}` post-trained with objective `{card['objective']}`"
         + (f", logit distillation from `{card['teacher']}` (weight {card['teacher_weight']:g})"
-           if card["teacher"] else "") + ".", "",
+           if card["teacher"] else "")
+        + (f", GPO {card['prefer']['loss']} at beta {card['prefer']['beta']:g}" if card.get("prefer") else "") + ".",
+        "",
         f"- Tokens seen: {card['tokens_seen']:,} in {card['steps']} steps ({card['train_seconds']} s)", "",
         "| held-out conversations | before | after |", "|---|---|---|", *table, "",
         f"Data: {json.dumps(card['data'])}", "",

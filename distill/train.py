@@ -54,7 +54,7 @@ class Trainer:
         val_data = val_data.padded(self.world)  # chat data: empty rows so every rank evaluates as many
         self.train_rows = self.train_data.ids
         self.sampler = BatchSampler(self.train_rows, config.batch_size, config.grad_accum, self.world, config.seed)
-        self.tokens_per_step = self.sampler.sequences_per_step * config.data.seq_len
+        self.tokens_per_step = self.sampler.sequences_per_step * self.train_rows[0].numel()  # a pair: 2 x seq_len
         self.total_steps = math.ceil(config.tokens / self.tokens_per_step)
 
         # models and objective
@@ -74,7 +74,8 @@ class Trainer:
         teacher = (self.objective.teacher if reuse else load_teacher(
             Path(eval_teacher), Path(config.student), lm.config.vocab_size, config.attention, self.device)
             if eval_teacher else None)
-        self.evaluator = Evaluator(config.eval, val_data, config.batch_size, teacher, config.precision, self.device)
+        self.evaluator = Evaluator(config.eval, val_data, config.batch_size, teacher, config.precision, self.device,
+                                   getattr(self.objective, "validation", None))
         if self.world > 1:
             shard(self.student, lm)
 

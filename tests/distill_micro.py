@@ -90,3 +90,20 @@ def micro_pair(base: Path, **overrides: object) -> dict[str, Path]:
     teacher = write_micro_checkpoint(base / "teacher", corpus, seed=1, num_hidden_layers=4, **overrides)
     student = write_micro_checkpoint(base / "student", corpus, seed=2, num_hidden_layers=2, **overrides)
     return {"corpus": corpus, "teacher": teacher, "student": student, "home": base / "home"}
+
+
+# a template with a generation prompt, whose turns end in the end-of-text token (as ChatML's <|im_end|>)
+MICRO_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def chat_micro_pair(base: Path) -> dict[str, Path]:
+    """micro_pair with MICRO_TEMPLATE as both models' chat template (for chat data and preference pairs)."""
+    from transformers import AutoTokenizer
+
+    micro = micro_pair(base)
+    for model in (micro["teacher"], micro["student"]):
+        tok = AutoTokenizer.from_pretrained(model)
+        tok.chat_template = MICRO_TEMPLATE
+        tok.save_pretrained(model)
+    return micro

@@ -23,12 +23,9 @@ from distill.train import Trainer
 from kernels.distill_loss import IGNORE_INDEX
 from models.registry import get_model
 from models.tokenizers import load_tokenizer
-from tests.distill_micro import micro_model, micro_pair
+from tests.distill_micro import chat_micro_pair, micro_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# a template with a generation prompt, whose turns end in the end-of-text token (as ChatML's <|im_end|>)
-MICRO_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>\n{% endfor %}"
-                  "{% if add_generation_prompt %}assistant: {% endif %}")
 
 CONVERSATION = {"messages": [
     {"role": "system", "content": "Be brief."},
@@ -132,13 +129,7 @@ def test_packing_keeps_conversations_whole_and_apart():
 @pytest.fixture(scope="module")
 def micro_chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Micro teacher and student with a chat template, and arithmetic conversations of uneven answer lengths."""
-    from transformers import AutoTokenizer
-
-    micro = micro_pair(tmp_path_factory.mktemp("sft"))
-    for model in (micro["teacher"], micro["student"]):
-        tok = AutoTokenizer.from_pretrained(model)
-        tok.chat_template = MICRO_TEMPLATE
-        tok.save_pretrained(model)
+    micro = chat_micro_pair(tmp_path_factory.mktemp("sft"))
     lines = []
     for n, p in enumerate(problems("train") + problems("heldout")):
         answer = str(p.answer) if n % 3 else f"{p.a} {p.op} {p.b} is {p.answer}."
@@ -329,8 +320,8 @@ def test_two_fsdp2_ranks_give_the_one_process_gradient(micro_chat, tmp_path):
 def test_shipped_posttrain_recipes_are_valid(path):
     from distill.posttrain import load_posttrain_recipe
 
-    recipe = load_posttrain_recipe(path, "sft")
-    assert recipe.model == "smollm2-135m-instruct" and recipe.train.objective == "sft"
+    recipe = load_posttrain_recipe(path, None)
+    assert recipe.model == "smollm2-135m-instruct" and recipe.train.objective in ("sft", "prefer")
 
 
 @pytest.mark.usefixtures("sft_home")

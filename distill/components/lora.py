@@ -9,6 +9,8 @@ merged model (W + (alpha / r) B A) as a plain checkpoint that transformers, vLLM
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -59,3 +61,21 @@ def save_adapter(peft_model: nn.Module, out: Path) -> Path:
 def merged_copy(peft_model: nn.Module) -> nn.Module:
     """A plain model with the adapters folded into its weights (the training model is left as it is)."""
     return copy.deepcopy(peft_model).merge_and_unload()
+
+
+@contextmanager
+def adapters_disabled(lm: nn.Module) -> Iterator[bool]:
+    """The base model's forward inside the block (the preference objective's reference, without a second copy of
+    the weights); yields whether `lm` has adapters at all. Sets peft's flag directly: its `enable_adapters(False)`
+    also flips requires_grad on the adapters, which must not change under an optimizer (or FSDP2's sharded params)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield bool(layers)
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m._disable_adapters = was

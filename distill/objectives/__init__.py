@@ -2,10 +2,12 @@
 
 An objective is built once per run from the run's config and data, then called per micro-batch:
 `objective(student, batch, step) -> (loss, metrics)`: `loss` is the mean over the micro-batch's trained tokens and
-`metrics` holds per-token means by name and their count under "tokens". The loop turns each mean back into a sum and
+`metrics` holds per-token means by name and their count under "tokens" (per-pair means and the pair count for
+preference objectives, whose loss is a mean over pairs). The loop turns each mean back into a sum and
 divides by the trained tokens of the whole step (every micro-batch and rank), so gradient accumulation equals one
-big batch whatever the tokens per micro-batch. Add one as a module here and a
-name in `OBJECTIVES` and in `TrainSettings.objective`.
+big batch whatever the tokens per micro-batch. An objective may also offer `validation(student, batch)`: sums
+over a held-out batch and their "count", which the evaluator reports as `val_<name>` means. Add one as a module
+here and a name in `OBJECTIVES` and in `TrainSettings.objective`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from distill.components.models import Student, Teacher
 from distill.data import Batch
 from distill.objectives.kd import Distillation
 from distill.objectives.on_policy import OnPolicyDistillation
+from distill.objectives.preference import PreferenceOptimisation
 from distill.objectives.sft import SupervisedFineTuning
 
 
@@ -32,4 +35,4 @@ class Objective(Protocol):
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"kd": Distillation, "gkd": OnPolicyDistillation,
-                                          "sft": SupervisedFineTuning}
+                                          "sft": SupervisedFineTuning, "prefer": PreferenceOptimisation}
