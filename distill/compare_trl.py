@@ -41,7 +41,7 @@ def run_cascade(spec: dict) -> dict:
     return {"wall_s": wall, "peak_rss_gib": peak_rss_gib()}
 
 
-def _loop_seconds(metrics: Path) -> dict[str, float]:
+def loop_seconds(metrics: Path) -> dict[str, float]:
     """Our training loop's time alone, from the metrics log: the last step's tokens/s counts from after the first
     evaluation to the last optimiser step (the run evaluates nowhere else), as TRL's `train_runtime` does."""
     steps = [m for m in read_metrics(metrics) if "loss" in m]
@@ -100,26 +100,27 @@ def run_trl(spec: dict) -> dict:
             "tokens": steps * sampler.sequences_per_step * config.data.seq_len, "peak_rss_gib": peak_rss_gib()}
 
 
-def _result_path(spec_path: Path, which: str) -> Path:
+def result_path(spec_path: Path, which: str) -> Path:
     """Where a child writes its result: beside the spec it ran."""
     return Path(f"{spec_path}.{which}.json")
 
 
-def _child(which: str, spec: dict, spec_path: Path, non_default: dict | None = None) -> dict:
-    """Run one trainer in a fresh process (its own peak RSS), or reuse its result for the same spec (a rerun after
+def child_result(which: str, spec: dict, spec_path: Path, module: str = "distill.compare_trl",
+                 non_default: dict | None = None) -> dict:
+    """Run one trainer in a fresh process (`python -m module --child which --spec spec_path`: its own peak RSS),
+    which writes result_path(spec_path, which); or reuse its result for the same spec (a rerun after
     a later row failed, or to re-score): settings added to the code since keep their defaults (`non_default`: the
     spec without default values), as for a recipe's finished stages."""
     from distill.config import same_settings
 
-    result = _result_path(spec_path, which)
+    result = result_path(spec_path, which)
     if (result.exists() and spec_path.exists()
             and same_settings(json.loads(spec_path.read_text()), spec, spec if non_default is None else non_default)):
         print(f"{which}: reusing {result}", flush=True)
         return json.loads(result.read_text())
     result.unlink(missing_ok=True)
     write_text_atomic(spec_path, json.dumps(spec))
-    subprocess.run([sys.executable, "-m", "distill.compare_trl", "--child", which, "--spec", str(spec_path)],
-                   cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", module, "--child", which, "--spec", str(spec_path)], cwd=ROOT, check=True)
     return json.loads(result.read_text())
 
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         spec = json.loads(args.spec.read_text())
         result = (run_cascade if args.child == "cascade" else run_trl)(spec)
-        write_text_atomic(_result_path(args.spec, args.child), json.dumps(result))
+        write_text_atomic(result_path(args.spec, args.child), json.dumps(result))
         return 0
 
     from distill.cascade import load_recipe, pruned_start, train_config
@@ -165,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         spec_path = work / f"{label.split()[0]}-{key}.spec.json"
         bf16 = resolve_precision(config.precision, device()) == "bfloat16"
         spec = {"config": config.model_dump(mode="json"), "out": str(out), "bf16": bf16}
-        result = _child(which, spec, spec_path,
-                        spec | {"config": config.model_dump(mode="json", exclude_defaults=True)})
+        result = child_result(which, spec, spec_path, non_default=spec | {
+            "config": config.model_dump(mode="json", exclude_defaults=True)})
         if "scores" not in result:  # scored once per trained student, kept with its result for reruns
             result["scores"] = _score(out / "student", config)
-            write_text_atomic(_result_path(spec_path, which), json.dumps(result))
+            write_text_atomic(result_path(spec_path, which), json.dumps(result))
         if which == "cascade":  # derived from the run's own metrics log each time, never stored twice
-            result |= _loop_seconds(out / "run" / "metrics.jsonl")
+            result |= loop_seconds(out / "run" / "metrics.jsonl")
         # when the student was written: rows reused from an earlier run were timed at another hour
         finished = max(f.stat().st_mtime for f in (out / "student").glob("*.safetensors"))
         result |= {"setting": label, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(finished))}

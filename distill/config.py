@@ -56,6 +56,8 @@ class PreferenceConfig(BaseModel):
                         "beta x f''(0)/|f'(0)| (logistic 1/2, squared 1, hinge 0): IPO matches DPO at about beta/2")
     average_logprobs: bool = Field(False, description="log-ratios per answer token (TRL's ipo convention) instead "
                                    "of per answer")
+    sft_weight: float = Field(0.0, ge=0, description="adds this x the chosen answer's per-token NLL to each pair's "
+                              "loss (TRL's rpo_alpha): keeps the chosen answers likely while the margin grows")
     reference: str | None = Field(None, description="checkpoint of the frozen reference policy (default: the "
                                   "student's starting weights; with LoRA the student with its adapters off, no copy)")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -140,6 +141,9 @@ def run_posttrain(recipe: PostTrainRecipe, runs: Path | None = None, progress: b
                 "train_seconds": round(trainer.elapsed, 1), "train_config": run_settings(config)}
         trainer.export(out, card)
         if is_rank0():
+            # the exported model and its card are the result; a finished run's checkpoints (the weights and
+            # optimizer state, ~12 bytes a parameter each) are never read again: "already done" reads the card
+            shutil.rmtree(Path(config.out_dir) / "checkpoints", ignore_errors=True)
             (out / "README.md").write_text(model_card(card))
             before = card["before"]
             print(f"{recipe.name}: held-out CE {before.get('val_ce', float('nan')):.3f} -> {final['val_ce']:.3f}"

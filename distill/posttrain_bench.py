@@ -5,6 +5,10 @@
 2. SFT against SFT with logit distillation (Ministral 3) for a cascade student (default: the default recipe's 70M,
    which never saw chat data) on its parent's answers to the general prompts: cross-entropy and KL to the parent on
    held-out conversations' assistant tokens, at equal tokens and settings.
+3. Preference optimisation (GPO) on the arithmetic pairs: the shipped DPO recipe from the bundled model, and from
+   the SFT model of 1: DPO, then DPO / IPO / SLiC with the chosen answers' NLL at matched regularisation, beside
+   more SFT for as long (the control). Held-out generation accuracy before and after.
+4. Against TRL (distill/posttrain_vs_trl.py): SFT and DPO, same model, data, order, steps and batch.
 
 Runs live under $CASCADE_HOME/runs/bench-posttrain/ and are not registered; a finished run is reused.
 """
@@ -25,6 +29,7 @@ from models.registry import cascade_home
 
 ROOT = Path(__file__).resolve().parents[1]
 ARITHMETIC_RECIPE = ROOT / "distill" / "recipes" / "posttrain" / "smollm2-arithmetic-sft.yaml"
+PREFER_RECIPE = ROOT / "distill" / "recipes" / "posttrain" / "smollm2-arithmetic-dpo.yaml"
 GENERAL_RECIPE = ROOT / "distill" / "recipes" / "smollm2-general.yaml"
 
 
@@ -89,6 +94,55 @@ def sft_vs_kd(runs: Path, student: str, teacher: str, tokens: int) -> list[dict]
     return rows
 
 
+def preference(runs: Path, sft_model: str) -> dict:
+    """GPO rows; each with held-out generation accuracy (strict and lenient) and held-out pair metrics."""
+    shipped = load_posttrain_recipe(PREFER_RECIPE, "prefer").model_copy(update={"name": "arithmetic-dpo"})
+    sft = load_posttrain_recipe(ARITHMETIC_RECIPE, "sft")
+    task = shipped.data.task
+    held = problems("heldout", task.digits, task.seed)  # type: ignore[union-attr]
+
+    def variant(name: str, loss: str, beta: float, nll: float) -> PostTrainRecipe:
+        prefer = shipped.train.prefer.model_copy(update={"loss": loss, "beta": beta, "sft_weight": nll})
+        return shipped.model_copy(update={"name": name, "model": sft_model,
+                                          "train": shipped.train.model_copy(update={"prefer": prefer})})
+
+    # matched regularisation: beta x f''(0)/|f'(0)| equal (logistic 1/2, squared 1; hinge has no curvature)
+    rows = [("shipped recipe, from the bundled model", shipped),
+            ("more SFT, as many epochs (control)", sft.model_copy(update={"name": "arithmetic-sft-more",
+                                                                          "model": sft_model})),
+            ("DPO (logistic, beta 0.1)", variant("arithmetic-sft-dpo", "logistic", 0.1, 0.0)),
+            ("DPO + NLL (beta 0.1)", variant("arithmetic-sft-dpo-nll", "logistic", 0.1, 1.0)),
+            ("IPO + NLL (squared, beta 0.05)", variant("arithmetic-sft-ipo-nll", "squared", 0.05, 1.0)),
+            ("SLiC + NLL (hinge, beta 0.1)", variant("arithmetic-sft-slic-nll", "hinge", 0.1, 1.0))]
+    results = []
+    for label, recipe in rows:
+        card = run_posttrain(recipe, runs / recipe.name, register=False)
+        prefer = card.get("prefer") or {}
+        row = {"setting": label, "start": recipe.model, "objective": card["objective"], "prefer": prefer,
+               "epochs": recipe.epochs, "heldout": accuracy(card["path"], held), "final": card["final"],
+               "before": card["before"], "train_s": card["train_seconds"], "tokens_per_s": _speed(card)}
+        results.append(row)
+        print(f"{label}: held-out accuracy {row['heldout']}", flush=True)
+    return {"rows": results, "heldout_problems": len(held), "pairs": shipped.data.model_dump(),
+            "start_accuracy": {"bundled": accuracy(shipped.model, held), "sft": accuracy(sft_model, held)}}
+
+
+def versus_trl(runs: Path) -> list[dict]:
+    """SFT (the arithmetic recipe) and plain DPO (the preference recipe without its NLL term) in both trainers."""
+    from distill.common import device, resolve_precision
+    from distill.posttrain import run_config
+    from distill.posttrain_vs_trl import compare
+
+    sft = run_config(load_posttrain_recipe(ARITHMETIC_RECIPE, "sft"), runs / "trl-sft")
+    dpo_recipe = load_posttrain_recipe(PREFER_RECIPE, "prefer")
+    plain = dpo_recipe.train.prefer.model_copy(update={"sft_weight": 0.0, "loss": "logistic"})
+    dpo = run_config(dpo_recipe.model_copy(update={"train": dpo_recipe.train.model_copy(update={"prefer": plain})}),
+                     runs / "trl-dpo")
+    bf16 = resolve_precision(sft.precision, device()) == "bfloat16"
+    return [row | {"kind": kind} for kind, config in (("sft", sft), ("dpo", dpo))
+            for row in compare(kind, config, runs / "vs-trl", bf16)]
+
+
 def write_report(results: dict, out: Path) -> None:
     a = results["arithmetic"]
     lines = [
@@ -131,8 +185,55 @@ def write_report(results: dict, out: Path) -> None:
               f"{r['before']['val_kl']:.3f} | {r['after']['val_kl']:.3f} | {r['after']['val_top1_agree']:.3f} | "
               f"{r['tokens_per_s']:.0f} |" for r in chat], "",
         ]
+    lines += _preference_lines(results.get("preference")) + _trl_lines(results.get("trl"))
     write_text_atomic(out / "posttrain-results.md", "\n".join(lines))
     write_text_atomic(out / "posttrain-results.json", json.dumps(results, indent=1) + "\n")
+
+
+def _preference_lines(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    start = p["start_accuracy"]
+    return [
+        "## Preference optimisation (GPO) on arithmetic pairs", "",
+        f"Pairs: each training problem's right answer chosen over a plausible wrong one (off by one or two, or "
+        f"another operation's result: \"7 times 2\" -> \"14\" over \"9\"); {p['pairs']['val_pairs']} of the "
+        "training split's pairs held out for the pair metrics. Rows from the SFT model start from section 1's SFT "
+        f"result (held-out strict {start['sft']['strict']:.3f}); the shipped recipe starts from the bundled model "
+        f"(held-out strict {start['bundled']['strict']:.3f}, lenient {start['bundled']['lenient']:.3f}). Matched "
+        "regularisation: beta x f''(0)/|f'(0)| equal for DPO and IPO (logistic 1/2, squared 1); hinge has no "
+        "curvature. NLL: + 1 x the chosen answer's per-token NLL (`prefer.sft_weight`, TRL's rpo_alpha). Held-out "
+        f"accuracy: greedy answers to the {p['heldout_problems']} held-out problems (never trained on, in any row).",
+        "",
+        "| setting | start | held-out strict | lenient | held-out pairs ranked right | margin | chosen CE before "
+        "| after | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {r['setting']} | {Path(r['start']).name} | {r['heldout']['strict']:.3f} | "
+          f"{r['heldout']['lenient']:.3f} | {r['final'].get('val_reward_accuracy', float('nan')):.3f} | "
+          f"{r['final'].get('val_margin', float('nan')):.2f} | {r['before']['val_ce']:.3f} | "
+          f"{r['final']['val_ce']:.3f} | {r['tokens_per_s']:.0f} |" for r in p["rows"]], "",
+    ]
+
+
+def _trl_lines(rows: list[dict] | None) -> list[str]:
+    if not rows:
+        return []
+    return [
+        "## cascade against TRL on the same post-training runs", "",
+        "distill/posttrain_vs_trl.py: SFT (the arithmetic recipe; TRL's SFTTrainer fed our packed rows, labels and "
+        "position ids in our order) and plain DPO (the preference recipe without its NLL term; TRL's DPOTrainer fed "
+        "the same training pairs in our order, tokenized by the same chat template). Same batch, steps, optimiser "
+        "and schedule; each trainer in its own process (peak RSS = VmHWM); tokens/s is the training loop alone (TRL's "
+        "`train_runtime`; ours from after the first evaluation to the last step, padded rows counted alike); the "
+        "trained models scored by the same evaluator and the same greedy check.", "",
+        "| run | trainer | tokens/s | peak RSS GiB | step-1 loss | last loss | held-out CE | held-out pairs ranked "
+        "right | held-out accuracy (strict) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {r['kind'].upper()} | {r['setting']} | {r['tokens'] / r['train_s']:.1f} | {r['peak_rss_gib']:.2f} | "
+          f"{r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | {r['scores']['val_ce']:.3f} | "
+          f"{r['scores'].get('val_reward_accuracy', float('nan')):.3f} | {r['heldout_accuracy']['strict']:.3f} |"
+          for r in rows], "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,11 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default="smollm2-135m-instruct")
     parser.add_argument("--tokens", type=int, default=32_768, help="training tokens of each SFT vs SFT+KD run")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--no-trl", action="store_true", help="skip the comparison with TRL")
     args = parser.parse_args(argv)
     runs = cascade_home() / "runs" / "bench-posttrain"
     results = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "arithmetic": arithmetic(runs),
                "chat": {"student": args.student, "teacher": args.teacher}}
     results["sft_vs_kd"] = sft_vs_kd(runs, args.student, args.teacher, args.tokens) if args.student else []
+    results["preference"] = preference(runs, str(runs / "arithmetic-sft" / "model"))
+    results["trl"] = versus_trl(runs) if not args.no_trl else []
     write_report(results, args.out)
     print(f"wrote {args.out / 'posttrain-results.md'}")
     return 0

@@ -67,19 +67,21 @@ def create_app(engine: Engine, settings: AppSettings, supervisor: EngineSupervis
         text = await asyncio.to_thread(lambda: metrics.render(engine.spec_decode_stats()) + engine.metrics_text())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def model_card() -> dict[str, Any]:
-        return {"id": engine.model_name, "object": "model", "created": started, "owned_by": "cascade",
-                "max_model_len": engine.max_model_len}
+    def model_card(name: str) -> dict[str, Any]:
+        """The base, or a LoRA adapter with the base as its parent (as vLLM lists them; no paths)."""
+        return {"id": name, "object": "model", "created": started, "owned_by": "cascade",
+                "max_model_len": engine.max_model_len, "root": name,
+                "parent": None if name == engine.model_name else engine.model_name}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in (engine.model_name, *engine.adapters)]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:
-        if model != engine.model_name:
+        if model != engine.model_name and model not in engine.adapters:
             raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-        return model_card()
+        return model_card(model)
 
     register_openai_routes(app, ctx)
     register_tokenizer_routes(app, ctx)

@@ -49,6 +49,7 @@ class Server:
     engine: str = ""  # cascade's --engine
     drafter: str | None = None
     args: tuple[str, ...] = ()
+    model: str | None = None  # what requests name (default: the model; a LoRA adapter's name for its rows)
 
 
 @dataclass
@@ -115,10 +116,20 @@ def _llamacpp_ctx(s: Settings) -> int:
     return int(s.kv_cache_gib * (1 << 30)) // kv_bytes_per_token(s.spec, 2)
 
 
-def servers(spec: ModelSpec, only: list[str]) -> list[Server]:
+LORA_NAME = "bench-adapter"
+
+
+def servers(spec: ModelSpec, only: list[str], lora: Path | None = None) -> list[Server]:
     base = [Server("cascade-vllm", "cascade", "vllm"), Server("cascade-llamacpp", "cascade", "llamacpp"),
             Server("vllm", "vllm"), Server("llamacpp", "llamacpp")]
     chosen = [b for b in base if b.name in only]
+    if "lora" in only:  # per-request LoRA turns torch.compile off on CPU: base and adapter requests, both eager
+        if lora is None:
+            raise SystemExit("error: --servers lora needs --lora ADAPTER (a LoRA post-training result's directory)")
+        served_with = ("--lora", f"{LORA_NAME}={lora}")
+        chosen += [Server("cascade-vllm+lora, base requests", "cascade", "vllm", args=served_with),
+                   Server("cascade-vllm+lora, adapter requests", "cascade", "vllm", args=served_with,
+                          model=LORA_NAME)]
     if "drafters" in only:
         for student in students(spec):
             chosen += [Server(f"cascade-{engine}+{student.name}", "cascade", engine, student.name)
@@ -147,7 +158,7 @@ def students(spec: ModelSpec) -> list[ModelSpec]:
 # load
 
 
-def run_load(url: str, s: Settings, concurrency: int) -> dict[str, Any]:
+def run_load(url: str, s: Settings, concurrency: int, model: str | None = None) -> dict[str, Any]:
     from vllm.benchmarks.serve import add_cli_args
     from vllm.benchmarks.serve import main as bench_main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -156,7 +167,7 @@ def run_load(url: str, s: Settings, concurrency: int) -> dict[str, Any]:
     add_cli_args(parser)
     num_prompts = max(16, 4 * concurrency)
     args = parser.parse_args([
-        "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", s.spec.name,
+        "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", model or s.spec.name,
         "--tokenizer", str(s.spec.checkpoint_dir), "--dataset-name", "custom", "--dataset-path", str(PROMPTS),
         "--custom-output-len", str(s.output_len), "--num-prompts", str(num_prompts), "--max-concurrency",
         str(concurrency), "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
@@ -190,7 +201,7 @@ def bench_server(server: Server, s: Settings, round_: int) -> list[dict[str, Any
         for c in s.levels:
             print(f"[{server.name}] concurrency {c}", flush=True)
             before = spec_counters(url) if server.drafter else (0.0, 0.0)
-            row = {"server": server.name, "round": round_} | run_load(url, s, c)
+            row = {"server": server.name, "round": round_} | run_load(url, s, c, server.model)
             if server.drafter:
                 drafted, accepted = (a - b for a, b in zip(spec_counters(url), before, strict=True))
                 row |= {"drafter": server.drafter, "draft_tokens": drafted, "accepted_tokens": accepted,
@@ -359,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency levels")
     p.add_argument("--servers", default="cascade-vllm,cascade-llamacpp,vllm,llamacpp,drafters",
-                   help="which of cascade-vllm, cascade-llamacpp, vllm, llamacpp, drafters to run")
+                   help="which of cascade-vllm, cascade-llamacpp, vllm, llamacpp, drafters, lora to run")
+    p.add_argument("--lora", type=Path, help="for --servers lora: a LoRA adapter of --model (or a directory holding "
+                   "adapter/), served per request")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
@@ -378,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(spec=spec, levels=[int(c) for c in args.concurrency.split(",")], output_len=args.output_len,
                  max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib, threads=args.threads,
                  gguf_quant=args.gguf_quant, num_draft_tokens=args.num_draft_tokens, log_dir=log_dir)
-    chosen = servers(spec, args.servers.split(","))
+    chosen = servers(spec, args.servers.split(","), args.lora)
     main_servers = [x for x in chosen if not x.drafter]
     starts = [] if args.no_startup else startup_times(s)
     runs: list[dict[str, Any]] = []

@@ -37,6 +37,7 @@ class ServerConfig:
     gguf_quant: str = "f16"
     threads: int | None = None  # llama.cpp compute threads; None: one per core
     prefix_cache: bool = True
+    lora: tuple[str, ...] = ()  # LoRA adapters served per request beside the model (serve/adapters.py)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute every prompt instead of reusing the KV cache of a shared prefix: slower multi-turn "
                         "chats, but repeated greedy requests give identical text on llama.cpp, whose f16 kernels "
                         "round a re-evaluated token differently [CASCADE_PREFIX_CACHE=0]")
+    p.add_argument("--lora", action="append", default=None, metavar="[NAME=]ADAPTER",
+                   help="serve a LoRA adapter of this model per request (repeatable): a LoRA post-training result by "
+                        "registry name, a directory holding adapter/, or a peft adapter directory; requests name it "
+                        "in `model`. vLLM engine only; on CPU it turns torch.compile off (eager decoding) "
+                        "[CASCADE_LORA, comma-separated] (default: none)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"],
                    help="log level [CASCADE_LOG_LEVEL] (default: %(default)s)")
     # argparse runs string defaults through `type`, so a bad CASCADE_PORT is reported like a bad --port.
@@ -140,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> ServerConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.lora is None:
+        args.lora = [item.strip() for item in (_env("LORA") or "").split(",") if item.strip()]
+    args.lora = tuple(args.lora)
     try:
         return ServerConfig(**vars(args))
     except ValueError as e:

@@ -46,6 +46,7 @@ class GenerationParams:
     skip_special_tokens: bool = True  # False when a parser needs markers such as [THINK] in the text
     constraint: Constraint | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    adapter: str | None = None  # a LoRA adapter served beside the base (serve/adapters.py), by name
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class Engine(Protocol):
     name: str  # "vllm" | "llamacpp"
     spec: ModelSpec  # formats (chat, tools, reasoning) the routes need
     model_name: str
+    adapters: tuple[str, ...]  # LoRA adapters a request may name instead of the model (vLLM only)
     max_model_len: int
     tokenizer: ChatTokenizer  # loaded by start()
 

@@ -75,6 +75,7 @@ class LlamaCppEngine:
         self.spec = spec
         self.settings = settings
         self.model_name = spec.name
+        self.adapters: tuple[str, ...] = ()  # per-request LoRA is vLLM's (serve/adapters.py)
         self.max_model_len = settings.max_model_len
         self.tokenizer: ChatTokenizer = None  # type: ignore[assignment]  # loaded by start()
         self._server: Any = None

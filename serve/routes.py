@@ -77,7 +77,7 @@ async def render_chat(ctx: RouteContext, req: ChatCompletionRequest) -> list[int
 async def serve_chat(ctx: RouteContext, body: dict) -> Response:
     engine = ctx.engine
     req = parse_body(ChatCompletionRequest, body)
-    check_model(engine, req.model)
+    adapter = check_model(engine, req.model)
     check_running(engine)
     plan = make_plan(req, engine.spec)
     # plans that continue run one engine request per choice: each takes an admission slot
@@ -85,7 +85,8 @@ async def serve_chat(ctx: RouteContext, body: dict) -> Response:
     ctx.admission.check_size(slots, "n")
     prompt_ids = await render_chat(ctx, req)
     max_tokens = budget_tokens(engine, len(prompt_ids), req.requested_max_tokens(), "messages")
-    params = generation_params(engine, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = generation_params(engine, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                               adapter=adapter)
     if plan.constraint is not None:  # a regex or schema the grammar backend cannot compile: 400 now
         try:
             engine.check_params(dataclasses.replace(params, constraint=plan.constraint))
@@ -104,7 +105,7 @@ async def serve_chat(ctx: RouteContext, body: dict) -> Response:
         pieces: AsyncIterator[Piece] = (piece async for _, piece in merge(runs))
     else:
         pieces = run_choices(generate, engine, plan, prompt_ids, params, rid)
-    shape = ChatShape(plan=plan, head={"id": rid, "created": int(time.time()), "model": engine.model_name},
+    shape = ChatShape(plan=plan, head={"id": rid, "created": int(time.time()), "model": req.model},
                       n=req.n, num_prompt=len(prompt_ids), logprobs=req.logprobs,
                       reasoning_content=ctx.reasoning_content)
     ctx.admission.acquire(slots, "n")  # a 429 goes out before any response starts
@@ -120,7 +121,7 @@ async def serve_chat(ctx: RouteContext, body: dict) -> Response:
 async def serve_completions(ctx: RouteContext, body: dict) -> Response:
     engine = ctx.engine
     req = parse_body(CompletionRequest, body)
-    check_model(engine, req.model)
+    adapter = check_model(engine, req.model)
     check_running(engine)
     prompts = req.prompts()
     ctx.admission.check_size(len(prompts))
@@ -135,11 +136,11 @@ async def serve_completions(ctx: RouteContext, body: dict) -> Response:
     requested = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default for completions
     echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
     params = [generation_params(engine, req, budget_tokens(engine, len(ids), requested, "prompt"), req.logprobs,
-                                echo_lp) for ids in prompt_ids]
+                                echo_lp, adapter) for ids in prompt_ids]
     rid = f"cmpl-{uuid.uuid4().hex}"
     streams = [tracked(engine, ctx.metrics, "/v1/completions", ids, p, f"{rid}-{i}")
                for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))]
-    shape = CompletionShape(head={"id": rid, "created": int(time.time()), "model": engine.model_name}, req=req,
+    shape = CompletionShape(head={"id": rid, "created": int(time.time()), "model": req.model}, req=req,
                             prompt_ids=prompt_ids, decode=engine.tokenizer.decode)
     ctx.admission.acquire(len(streams))
     if req.stream:

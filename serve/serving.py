@@ -16,10 +16,15 @@ from serve.protocol import SamplingFields
 T = TypeVar("T")
 
 
-def check_model(engine: Engine, requested: str) -> None:
-    if requested != engine.model_name:
-        raise APIError(404, f"The model '{requested}' does not exist; this server serves '{engine.model_name}'",
-                       param="model", code="model_not_found")
+def check_model(engine: Engine, requested: str) -> str | None:
+    """The LoRA adapter a request names (None: the base model); 404 for a name this server does not serve."""
+    if requested == engine.model_name:
+        return None
+    if requested in engine.adapters:
+        return requested
+    served = ", ".join(f"'{name}'" for name in (engine.model_name, *engine.adapters))
+    raise APIError(404, f"The model '{requested}' does not exist; this server serves {served}", param="model",
+                   code="model_not_found")
 
 
 def check_running(engine: Engine) -> None:
@@ -64,7 +69,7 @@ def budget_tokens(engine: Engine, num_prompt: int, requested: int | None, param:
 
 
 def generation_params(engine: Engine, req: SamplingFields, max_tokens: int, logprobs: int | None,
-                      prompt_logprobs: int | None = None) -> GenerationParams:
+                      prompt_logprobs: int | None = None, adapter: str | None = None) -> GenerationParams:
     bias = req.logit_bias_items()
     check_token_ids(engine, [t for t, _ in bias], "logit_bias")
     check_token_ids(engine, list(req.stop_token_ids or ()), "stop_token_ids")
@@ -74,6 +79,7 @@ def generation_params(engine: Engine, req: SamplingFields, max_tokens: int, logp
         repetition_penalty=req.repetition_penalty, stop=req.stop_list(),
         stop_token_ids=tuple(req.stop_token_ids or ()), seed=req.seed, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logit_bias=bias,
+        adapter=adapter,
     )
     try:
         engine.check_params(params)

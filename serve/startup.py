@@ -34,7 +34,7 @@ class StartupError(Exception):
 
 
 def run(config: ServerConfig) -> int:
-    config = dataclasses.replace(config, engine=resolve_engine(config.engine))
+    config = dataclasses.replace(config, engine=resolve_engine(config.engine, bool(config.lora)))
     sock = None
     try:
         sock = bind(config.host, config.port)
@@ -94,12 +94,13 @@ async def serve(engine: Engine, config: ServerConfig, sock: socket.socket) -> in
 # checks before any engine loads
 
 
-def resolve_engine(engine: str) -> str:
-    """`auto`: vLLM where there is a GPU; on a CPU-only machine llama.cpp, which `make bench-serve` measured faster
-    for one to a few clients (vLLM overtakes it from about 16 concurrent streams; README, "Engines")."""
+def resolve_engine(engine: str, adapters: bool = False) -> str:
+    """`auto`: vLLM where there is a GPU or LoRA adapters to serve per request; on a CPU-only machine llama.cpp,
+    which `make bench-serve` measured faster for one to a few clients (vLLM overtakes it from about 16 concurrent
+    streams; README, "Engines")."""
     if engine != "auto":
         return engine
-    if any(os.path.exists(dev) for dev in ("/dev/nvidia0", "/dev/kfd")):
+    if adapters or any(os.path.exists(dev) for dev in ("/dev/nvidia0", "/dev/kfd")):
         return "vllm"
     import importlib.util
 
@@ -120,6 +121,7 @@ def prepare_engine(config: ServerConfig) -> Engine:
         except DrafterError as e:
             raise StartupError(str(e)) from None
         warn_if_slower(spec.name, drafter.name, config.engine, config.num_draft_tokens)
+    adapters = _adapters(config, spec)
     max_model_len = context_length(spec, config)
     kv_bytes = kv_cache_bytes(config, spec, drafter, max_model_len)
     check_memory(config.engine, spec, drafter, kv_bytes)
@@ -131,7 +133,25 @@ def prepare_engine(config: ServerConfig) -> Engine:
     return VLLMEngine(spec, VLLMSettings(max_model_len=max_model_len, dtype=config.dtype or spec.dtype,
                                          kv_cache_bytes=kv_bytes, enforce_eager=config.enforce_eager,
                                          max_num_seqs=config.max_num_seqs, draft=draft,
-                                         prefix_cache=config.prefix_cache))
+                                         prefix_cache=config.prefix_cache, adapters=adapters))
+
+
+def _adapters(config: ServerConfig, spec: ModelSpec) -> tuple:
+    """The --lora adapters, checked against the served model before any engine loads."""
+    if not config.lora:
+        return ()
+    from serve.adapters import AdapterError, resolve_adapters
+
+    if config.engine != "vllm":
+        raise StartupError(f"--lora serves adapters per request on the vllm engine, not {config.engine}: use "
+                           "--engine vllm, or serve the merged model (a LoRA post-training run registers it)")
+    try:
+        adapters = resolve_adapters(spec, config.lora, config.allow_pickle)
+    except AdapterError as e:
+        raise StartupError(str(e)) from None
+    log.info("LoRA adapters served per request: %s (on CPU this runs vLLM eager: no torch.compile)",
+             ", ".join(f"{a.name} (rank {a.rank})" for a in adapters))
+    return adapters
 
 
 def _llamacpp_engine(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | None, max_model_len: int,

@@ -16,6 +16,7 @@ from typing import Any
 
 from models.registry import ModelSpec
 from models.tokenizers import ChatTokenizer, load_tokenizer
+from serve.adapters import Adapter, max_lora_rank
 from serve.engine import (
     ChoiceDelta,
     Constraint,
@@ -50,6 +51,7 @@ class VLLMSettings:
     seed: int = 0
     draft: DraftSettings | None = None
     prefix_cache: bool = True
+    adapters: tuple[Adapter, ...] = ()  # LoRA adapters served per request (turns torch.compile off on CPU)
     # CPU: run the model in the engine-core process instead of a third worker process. Measured here (2 cores,
     # SmolLM2 fp32, compiled): 50-54 vs 35-38 tok/s at one stream, 495 vs 337 tok/s at 16, and one process spawn
     # (~8 s) less at every start; vLLM's worker process and its shared-memory polling compete for the two cores.
@@ -63,6 +65,7 @@ class VLLMEngine:
         self.spec = spec
         self.settings = settings
         self.model_name = spec.name
+        self.adapters = tuple(a.name for a in settings.adapters)
         self.max_model_len = settings.max_model_len
         self.tokenizer: ChatTokenizer = None  # type: ignore[assignment]  # loaded by start()
         self._llm: Any = None
@@ -77,7 +80,11 @@ class VLLMEngine:
         if s.draft is not None:
             speculative = {"method": "draft_model", "model": str(s.draft.checkpoint),
                            "num_speculative_tokens": s.draft.num_tokens}
+        lora = {}
+        if s.adapters:  # every adapter stays loaded: vLLM batches requests of different adapters together
+            lora = {"enable_lora": True, "max_loras": len(s.adapters), "max_lora_rank": max_lora_rank(s.adapters)}
         return AsyncEngineArgs(
+            **lora,
             model=str(self.spec.checkpoint_dir),
             served_model_name=[self.spec.name],
             tokenizer_mode="mistral" if self.spec.chat_format == "mistral" else "auto",
@@ -165,7 +172,8 @@ class VLLMEngine:
         copies = params.n // sampling.n  # > 1 only for greedy n > 1
         first = True
         try:
-            async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id):
+            async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id,
+                                                lora_request=self._lora_request(params.adapter)):
                 choices = [_choice(c, params.logprobs or 0) for c in out.outputs]
                 if copies > 1:
                     choices = [dataclasses.replace(choices[0], index=i) for i in range(copies)]
@@ -181,6 +189,14 @@ class VLLMEngine:
             raise EngineDeadError(str(e)) from e
         except (ValueError, VLLMClientError) as e:  # the engine refused this request
             raise EngineRequestError(str(e), param=getattr(e, "parameter", None)) from e
+
+    def _lora_request(self, adapter: str | None) -> Any:
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        number = self.adapters.index(adapter) + 1  # vLLM's adapter ids start at 1 and must be stable
+        return LoRARequest(adapter, number, str(self.settings.adapters[number - 1].path))
 
     def check_params(self, params: GenerationParams) -> None:
         """Raise EngineRequestError for what vLLM would refuse, before any response starts."""

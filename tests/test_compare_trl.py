@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.compare_trl import _child, _loop_seconds, run_cascade
+from distill.compare_trl import child_result, loop_seconds, run_cascade
 from distill.config import TrainConfig
 from distill.data import DataConfig, SourceConfig
 from tests.distill_micro import micro_pair
@@ -32,8 +32,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         # TRL in its own process, as the benchmark runs it: importing it sets VLLM_LOGGING_LEVEL=ERROR and
         # TORCHINDUCTOR_CACHE_DIR in os.environ, which would leak into every server later tests start
         spec = {"config": config.model_dump(mode="json"), "out": str(base / "trl"), "bf16": False}
-        theirs = _child("trl", spec, base / "trl.spec.json")
-    return {"ours": ours | _loop_seconds(base / "cascade" / "run" / "metrics.jsonl"), "trl": theirs}
+        theirs = child_result("trl", spec, base / "trl.spec.json")
+    return {"ours": ours | loop_seconds(base / "cascade" / "run" / "metrics.jsonl"), "trl": theirs}
 
 
 def test_both_trainers_compute_the_same_loss_on_the_same_first_batch(runs):
@@ -56,9 +56,9 @@ def test_a_rerun_reuses_a_result_only_for_the_same_spec(tmp_path, monkeypatch):
     spec_path = tmp_path / "a.spec.json"
     spec_path.write_text(json.dumps(spec))
     Path(str(spec_path) + ".trl.json").write_text(json.dumps({"train_s": 1.0}))
-    assert _child("trl", spec, spec_path) == {"train_s": 1.0}
+    assert child_result("trl", spec, spec_path) == {"train_s": 1.0}
     ran: list[list[str]] = []
     monkeypatch.setattr("subprocess.run", lambda cmd, **_: ran.append(cmd) or
                         Path(str(spec_path) + ".trl.json").write_text(json.dumps({"train_s": 2.0})))
-    assert _child("trl", spec | {"bf16": True}, spec_path) == {"train_s": 2.0}  # another spec: run again
+    assert child_result("trl", spec | {"bf16": True}, spec_path) == {"train_s": 2.0}  # another spec: run again
     assert len(ran) == 1 and json.loads(spec_path.read_text())["bf16"] is True

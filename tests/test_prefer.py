@@ -156,10 +156,10 @@ def test_bad_pairs_are_refused_with_the_reason(smollm2, record, message):
 
 
 @pytest.mark.usefixtures("prefer_home")
-@pytest.mark.parametrize(("loss", "average"), [("logistic", False), ("savage", True)])
-def test_the_objective_is_gpo_on_the_reference_log_ratios(micro_pairs, tmp_path, loss, average):
-    trainer = Trainer(_config(micro_pairs, tmp_path / "run", prefer={"loss": loss, "beta": 0.5,
-                                                                     "average_logprobs": average}), progress=False)
+@pytest.mark.parametrize(("loss", "average", "sft"), [("logistic", False, 0.0), ("savage", True, 0.5)])
+def test_the_objective_is_gpo_on_the_reference_log_ratios(micro_pairs, tmp_path, loss, average, sft):
+    trainer = Trainer(_config(micro_pairs, tmp_path / "run", prefer={
+        "loss": loss, "beta": 0.5, "average_logprobs": average, "sft_weight": sft}), progress=False)
     batch = trainer.train_data.batch(trainer.sampler.indices(0, 0), torch.device("cpu"))
     assert batch.ids.shape == (8, 32) and batch.preference is not None
     with torch.no_grad():  # the policy moves away from its reference (the starting weights)
@@ -170,21 +170,25 @@ def test_the_objective_is_gpo_on_the_reference_log_ratios(micro_pairs, tmp_path,
     labels = batch.labels.view(8, -1)
     live = labels != IGNORE_INDEX
 
-    def logp(logits: torch.Tensor) -> torch.Tensor:
+    def logp(logits: torch.Tensor, per_token: bool) -> torch.Tensor:
         token = logits.double().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
         total = token.masked_fill(~live, 0).sum(-1)
-        return total / live.sum(-1) if average else total
+        return total / live.sum(-1) if per_token else total
 
     with torch.no_grad():
-        ratio = logp(trainer.student(batch.ids)) - logp(reference.logits(batch.ids))
+        policy = trainer.student(batch.ids)
+        ratio = logp(policy, average) - logp(reference.logits(batch.ids), average)
+        nll = -logp(policy, True)[:4]  # per token, chosen answers
     z = 0.5 * (ratio[:4] - ratio[4:])
     p = batch.preference.double()
     f = lambda x: FORMULAS[loss](x)  # noqa: E731
-    want = [pi * f(zi) + (1 - pi) * f(-zi) for zi, pi in zip(z.tolist(), p.tolist(), strict=True)]
+    want = [pi * f(zi) + (1 - pi) * f(-zi) + sft * ni
+            for zi, pi, ni in zip(z.tolist(), p.tolist(), nll.tolist(), strict=True)]
     assert loss_value.item() == pytest.approx(sum(want) / 4, rel=1e-5)
     assert metrics["tokens"].item() == 4  # normalised per pair
     assert metrics["reward_accuracy"].item() == pytest.approx((z > 0).double().mean().item())
     assert metrics["margin"].item() == pytest.approx(z.mean().item(), rel=1e-5, abs=1e-7)
+    assert metrics["chosen_nll"].item() == pytest.approx(nll.mean().item(), rel=1e-5)
 
 
 @pytest.mark.usefixtures("prefer_home")

@@ -129,13 +129,17 @@ class PreferenceOptimisation:
     def _head_loss(self, hidden: torch.Tensor, head: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                    reference: torch.Tensor, p: torch.Tensor, reduce: bool = True
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logp, counts = sequence_logprobs(hidden, head, labels, self.chunk, self.settings.average_logprobs)
-        ratio = logp - reference  # [2B] log pi / pi_ref per answer
+        sums, counts = sequence_logprobs(hidden, head, labels, self.chunk)
+        per_token = sums / counts.clamp_min(1)
+        ratio = (per_token if self.settings.average_logprobs else sums) - reference  # [2B] log pi / pi_ref
         chosen, rejected = ratio.chunk(2)  # [B] each
         z = self.settings.beta * (chosen - rejected)
         losses = gpo_loss(z, p, self.settings.loss)
+        chosen_nll = -per_token.chunk(2)[0]  # [B] per-token NLL of each chosen answer
+        if self.settings.sft_weight:
+            losses = losses + self.settings.sft_weight * chosen_nll
         metrics = {"reward_accuracy": (z > 0).float(), "margin": z.detach(), "chosen_logratio": chosen.detach(),
-                   "rejected_logratio": rejected.detach()}
+                   "rejected_logratio": rejected.detach(), "chosen_nll": chosen_nll.detach()}
         if not reduce:
             return losses, {"loss": losses.detach(), **metrics, "answer_tokens": counts.chunk(2)[0]}
         pairs = torch.tensor(float(len(z)), device=z.device)
