@@ -76,14 +76,16 @@ bench-serve: model
 distill: $(STAMP)
 	$(DISTILL) cascade $(RECIPE) $(DISTILL_ARGS)
 
-# Post-training: SFT on chat data (optionally with logit distillation from a teacher) of $(POSTTRAIN_RECIPE)'s
-# model; the result is registered under the recipe's name. Resumes from checkpoints; a finished run is not redone.
+# Post-training with $(POSTTRAIN_RECIPE)'s objective: sft (chat data, optionally with logit distillation from a
+# teacher) or prefer (GPO on preference pairs, offline or online); the result is registered under the recipe's name.
+# Resumes from checkpoints; a finished run is not redone.
 posttrain: $(STAMP)
-	$(DISTILL) sft $(POSTTRAIN_RECIPE) $(DISTILL_ARGS)
+	$(DISTILL) posttrain $(POSTTRAIN_RECIPE) $(DISTILL_ARGS)
 
-# docs/posttrain-results.md: arithmetic SFT of the bundled model (held-out accuracy before/after) and SFT vs SFT with
+# docs/posttrain-results.md: arithmetic SFT of the bundled model (held-out accuracy before/after), SFT vs SFT with
 # logit distillation of the default recipe's 70M student (`make distill` and `make corpus RECIPE=$(GENERAL_RECIPE)`
-# first; about 20 minutes on 2 cores).
+# first), DPO/IPO/SLiC on arithmetic pairs, and TRL's SFTTrainer/DPOTrainer on the same runs (about an hour on 2
+# cores; finished runs are reused).
 bench-posttrain: $(STAMP)
 	$(PY) -m distill.posttrain_bench $(BENCH_ARGS)
 

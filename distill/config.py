@@ -47,6 +47,22 @@ class SFTConfig(BaseModel):
 GPOLoss = Literal["logistic", "squared", "hinge", "exponential", "truncated_quadratic", "savage"]
 
 
+class OnlinePreferenceConfig(BaseModel):
+    """prefer.online: pairs sampled from the current policy each step (distill/objectives/online_preference.py)."""
+    model_config = ConfigDict(extra="forbid")
+    labels: Literal["arithmetic", "teacher"] = Field(
+        "arithmetic", description="who prefers: a verifier by name (distill/verifiers.py: right beats wrong) or "
+                                  "the teacher (p = sigmoid of its per-token log-likelihood difference / "
+                                  "label_temperature)")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature (Ministral 3's online DPO: 0.7; top-p 1)")
+    new_tokens: int = Field(32, ge=1, description="longest completion; one that never ends loses its pair")
+    label_temperature: float = Field(1.0, gt=0, description="labels: teacher: the scale of its preference")
+    sync_every: int = Field(1, ge=1, description="steps between pushes of the policy's weights to the engine")
+    kv_cache_gib: float = Field(1.0, gt=0, description="the engine's KV cache")
+    probe_tolerance: float | None = Field(None, gt=0, description="largest mean |log-prob| difference, engine vs "
+                                          "trainer, after the first two pushes (default 1e-3 fp32, 0.05 bf16)")
+
+
 class PreferenceConfig(BaseModel):
     """objective prefer (distill/objectives/preference.py): GPO, loss f(beta * delta) per pair."""
     model_config = ConfigDict(extra="forbid")
@@ -58,6 +74,8 @@ class PreferenceConfig(BaseModel):
                                    "of per answer")
     sft_weight: float = Field(0.0, ge=0, description="adds this x the chosen answer's per-token NLL to each pair's "
                               "loss (TRL's rpo_alpha): keeps the chosen answers likely while the margin grows")
+    online: OnlinePreferenceConfig | None = Field(None, description="sample each step's pairs from the current "
+                                                  "policy (prompts from the data's pairs) and label them")
     reference: str | None = Field(None, description="checkpoint of the frozen reference policy (default: the "
                                   "student's starting weights; with LoRA the student with its adapters off, no copy)")
 
@@ -163,9 +181,19 @@ class TrainConfig(TrainSettings):
         if pairs != (self.objective == "prefer"):
             raise ValueError("objective prefer trains on preference pairs (data.format: pairs, distill/pair_data.py)"
                              if not pairs else f"data.format pairs is for objective prefer, not {self.objective}")
-        if self.objective == "prefer" and (self.teacher is not None or self.teacher_top_k is not None):
-            raise ValueError("objective prefer compares the policy with its frozen reference (prefer.reference), "
-                             "not a teacher; use eval_teacher to measure KL to one")
+        online = self.prefer.online
+        wants_teacher = online is not None and online.labels == "teacher"
+        if self.objective == "prefer" and (self.teacher is not None) != wants_teacher:
+            raise ValueError("prefer.online.labels: teacher needs a teacher to label the samples" if wants_teacher
+                             else "objective prefer compares the policy with its frozen reference (prefer.reference), "
+                                  "not a teacher (it labels online pairs: prefer.online.labels: teacher); use "
+                                  "eval_teacher to measure KL to one")
+        if self.objective == "prefer" and self.teacher_top_k is not None:
+            raise ValueError("teacher_top_k caches a teacher on text data; objective prefer has no use for it")
+        if online is not None and self.checkpoint.every % online.sync_every:
+            raise ValueError(f"checkpoint.every ({self.checkpoint.every}) must be a multiple of "
+                             f"prefer.online.sync_every ({online.sync_every}): a resumed run must sample from the "
+                             "weights the interrupted one would have")
         return self
 
     @model_validator(mode="after")

@@ -97,11 +97,11 @@ MICRO_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|e
                   "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
-def chat_micro_pair(base: Path) -> dict[str, Path]:
+def chat_micro_pair(base: Path, **overrides: object) -> dict[str, Path]:
     """micro_pair with MICRO_TEMPLATE as both models' chat template (for chat data and preference pairs)."""
     from transformers import AutoTokenizer
 
-    micro = micro_pair(base)
+    micro = micro_pair(base, **overrides)
     for model in (micro["teacher"], micro["student"]):
         tok = AutoTokenizer.from_pretrained(model)
         tok.chat_template = MICRO_TEMPLATE

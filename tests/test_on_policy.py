@@ -10,9 +10,10 @@ import torch
 
 from distill.components.checkpointer import Checkpointer
 from distill.components.metrics import read_metrics
+from distill.components.rollouts import push_due, seeded_uniform
 from distill.config import TrainConfig
 from distill.data import DataConfig, SourceConfig
-from distill.objectives.on_policy import OnPolicyDistillation, _uniform, push_due
+from distill.objectives.on_policy import OnPolicyDistillation
 from distill.train import Trainer
 from tests.distill_micro import micro_pair
 
@@ -72,8 +73,8 @@ def test_weights_are_pushed_where_a_resumed_run_pushes_them_too():
 
 
 def test_the_mix_is_a_seeded_share_of_steps():
-    draws = [_uniform(0, "mix", step) for step in range(2000)]
-    assert draws == [_uniform(0, "mix", step) for step in range(2000)]  # the same after a resume
+    draws = [seeded_uniform(0, "mix", step) for step in range(2000)]
+    assert draws == [seeded_uniform(0, "mix", step) for step in range(2000)]  # the same after a resume
     assert 0.45 < sum(d < 0.5 for d in draws) / len(draws) < 0.55
 
 
@@ -107,7 +108,8 @@ def test_the_student_learns_from_the_teacher_on_its_own_vllm_samples(whole):
     steps = [m for m in metrics if m["step"] > 0 and "loss" in m]
     assert len(steps) == 6 and all(m["on_policy"] == 1.0 and m["sample_tokens"] > 0 for m in steps)
     assert whole["final"]["val_kl"] < metrics[0]["val_kl"]  # learning on its own samples moves it to the teacher
-    assert whole["trainer"].objective.pushes == 6 and whole["trainer"].objective.engine is None  # stopped with it
+    policy = whole["trainer"].objective.policy
+    assert policy.pushes == 6 and policy.engine is None  # stopped with it
 
 
 def test_an_interrupted_on_policy_run_resumes_onto_the_same_samples(micro, whole, tmp_path, monkeypatch):
@@ -135,13 +137,13 @@ def test_an_engine_that_kept_old_weights_stops_the_run(micro, tmp_path):
     trainer = Trainer(_config(micro, tmp_path / "run"), progress=False)
     objective = trainer.objective
     try:
-        objective._sync(trainer.student, 0)  # starts the engine; its weights are the student's
+        objective.policy.sync(trainer.student, 0)  # starts the engine; its weights are the student's
         with torch.no_grad():
             for p in trainer.student.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        objective.engine.load = lambda state, dtype: 0.0  # a weight push that changes nothing
+        objective.policy.engine.load = lambda state, dtype: 0.0  # a weight push that changes nothing
         with pytest.raises(RuntimeError, match="log-probs differ from the trainer's"):
-            objective._sync(trainer.student, 1)
+            objective.policy.sync(trainer.student, 1)
     finally:
         objective.close()
 
@@ -150,5 +152,5 @@ def test_mix_zero_is_plain_distillation_and_starts_no_engine(micro, tmp_path):
     trainer = Trainer(_config(micro, tmp_path / "run", tokens=48 * 4 * 2, on_policy={"mix": 0.0, "prompt_tokens": 16}),
                       progress=False)
     trainer.train()
-    assert trainer.objective.engine is None
+    assert trainer.objective.policy.engine is None
     assert all(m.get("on_policy", 0.0) == 0.0 for m in read_metrics(tmp_path / "run" / "metrics.jsonl"))

@@ -300,3 +300,69 @@ def test_prefer_recipe_trains_registers_and_bad_ones_fail_first(micro_pairs, tmp
     path.write_text(yaml.safe_dump(recipe))
     bad = _cli("prefer", str(path), "--dry-run", home=home)
     assert bad.returncode == 2 and "train.prefer.loss" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_arithmetic_verifier_reads_the_question_from_the_prompt():
+    from distill.verifiers import arithmetic
+
+    prompt = "user: What is 1 plus 1?<|endoftext|>\nassistant: 2<|endoftext|>\nuser: What is 7 times 2?<|endoftext|>\n"
+    assert arithmetic(prompt, "14") == 1.0 and arithmetic(prompt, "9, I think") == 0.0
+    assert arithmetic(prompt, "7 times 2 is 14") == 0.0  # the first number is the answer (the task format)
+    assert arithmetic("user: hello", "14") is None
+
+
+@pytest.fixture(scope="module")
+def online_pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """micro_pairs with vLLM-loadable micro models (vLLM's CPU attention has no kernel for head_dim 16)."""
+    micro = chat_micro_pair(tmp_path_factory.mktemp("online"), head_dim=32)
+    (micro["corpus"] / "pairs.jsonl").write_text("".join(
+        json.dumps(preference_pair(p)) + "\n" for p in problems("train") + problems("heldout")))
+    return micro
+
+
+def _online(micro: dict[str, Path], out: Path, **online: object) -> TrainConfig:
+    labels = online.get("labels", "arithmetic")
+    return _config(micro, out, tokens=2 * 32 * 4 * 3, eval={"every": 3}, checkpoint={"every": 3},
+                   teacher=str(micro["teacher"]) if labels == "teacher" else None,
+                   prefer={"beta": 0.5, "online": {"new_tokens": 8, "temperature": 1.0, **online}})
+
+
+@pytest.mark.usefixtures("prefer_home")
+def test_online_labels_prefer_the_verified_answer_and_one_that_ends(online_pairs, tmp_path):
+    trainer = Trainer(_online(online_pairs, tmp_path / "run"), progress=False)
+    objective = trainer.objective
+    tok, eos = objective.tokenizer, objective.policy.eos
+    prompt = tok.encode_chat([{"role": "user", "content": "What is 7 times 2?"}])
+    right, wrong = [*tok.encode("14"), eos], [*tok.encode("9"), eos]
+    endless = (tok.encode("14 14 14 14 14 14") * 8)[:8]  # 8 = new_tokens, no end of sequence
+    firsts, seconds = [right, wrong, right, endless, right], [wrong, right, right, wrong, endless]
+    prompts = [prompt] * 5
+    pairs = objective._pair_batch(torch.arange(5), prompts, firsts, seconds)
+    p, weight, stats = objective._labels(pairs, prompts, firsts, seconds)
+    # right > wrong; a tie leaves the pair out; an endless answer loses even when its first number is right
+    assert p.tolist() == [1.0, 0.0, 0.5, 0.0, 1.0] and weight.tolist() == [1, 1, 0, 1, 1]
+    assert stats["unfinished"].item() == pytest.approx(2 / 10)
+    live = (pairs.labels.view(10, -1) != IGNORE_INDEX).sum(-1)
+    assert live.tolist() == [len(a) for a in firsts + seconds]  # the answers' tokens are the targets
+
+
+@pytest.mark.usefixtures("prefer_home")
+def test_online_preference_samples_from_the_policy_through_vllm(online_pairs, tmp_path):
+    """The real engine: weights pushed each step and checked against the trainer's log-probs (first two pushes),
+    pairs sampled and labelled by the teacher, the GPO loss trained on them."""
+    trainer = Trainer(_online(online_pairs, tmp_path / "run", labels="teacher"), progress=False)
+    first = trainer.evaluate()
+    final = trainer.train()
+    steps = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    assert len(steps) == 3 and all(m["decided"] > 0 and 0 <= m["unfinished"] <= 1 for m in steps)
+    assert trainer.objective.policy.pushes == 3 and trainer.objective.policy.engine is None  # stopped at the end
+    assert final["val_loss"] != first["val_loss"]  # it trained (held-out pairs are the data's)
+
+
+def test_online_settings_are_checked(online_pairs, tmp_path):
+    with pytest.raises(ValueError, match="labels: teacher needs a teacher"):
+        _config(online_pairs, tmp_path, prefer={"online": {"labels": "teacher"}})
+    with pytest.raises(ValueError, match=r"must be a multiple of prefer\.online\.sync_every"):
+        _config(online_pairs, tmp_path, checkpoint={"every": 3}, prefer={"online": {"sync_every": 2}})
+    with pytest.raises(ValueError, match=r"prefer\.online\.labels"):
+        _config(online_pairs, tmp_path, prefer={"online": {"labels": "judge"}})

@@ -16,6 +16,8 @@ sequence derived from (run seed, step, row), so a resumed run draws the same sam
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -32,6 +34,7 @@ from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
+PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.05}  # mean |log p| difference, engine vs trainer, on the probe
 START_TIMEOUT_S = 900  # a cold CPU start of vLLM is 20-90 s on 2 cores; a first GPU start can compile for minutes
 
 
@@ -120,6 +123,93 @@ class RolloutEngine:
         if status == "error":
             raise RolloutError(f"the rollout engine failed: {value}")
         return value
+
+
+class PolicySampler:
+    """The policy's own samples for an objective: a RolloutEngine started at the first use, the policy's weights
+    pushed when due, and the engine's log-probs checked against the trainer's on the first two pushes."""
+
+    def __init__(self, checkpoint: Path, max_len: int, precision: str, kv_cache_gib: float, seed: int,
+                 sync_every: int, probe: list[int], probe_tolerance: float | None) -> None:
+        self.checkpoint, self.max_len, self.precision = checkpoint, max_len, precision
+        self.kv_cache_gib, self.seed, self.sync_every = kv_cache_gib, seed, sync_every
+        self.probe = probe[: max_len - 1]  # + 1 generated token must fit
+        self.tolerance = probe_tolerance or PROBE_TOLERANCE[precision]
+        self.engine: RolloutEngine | None = None
+        self.synced_step: int | None = None
+        self.pushes = 0
+
+    @property
+    def eos(self) -> int | None:
+        return self.engine.eos if self.engine is not None else eos_id(self.checkpoint)
+
+    def sync(self, student: torch.nn.Module, step: int) -> None:
+        """Push the student's weights when the engine's are older than the last multiple of `sync_every` (every
+        rank gathers its full copy). Checkpoints fall on those multiples, so a resumed run pushes exactly where the
+        interrupted one would have, whatever the steps between did."""
+        from distill.components.checkpointer import full_model_state
+
+        if not push_due(self.synced_step, step, self.sync_every):
+            return
+        state = {k.removeprefix("lm."): v for k, v in full_model_state(student).items()}
+        if self.engine is None:
+            self.engine = RolloutEngine(self.checkpoint, self.max_len, self.precision, self.kv_cache_gib, self.seed,
+                                        eos_id(self.checkpoint))
+        dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float32
+        seconds = self.engine.load(state, dtype)
+        self.synced_step, self.pushes = step, self.pushes + 1
+        log.debug("rollouts: weights pushed at step %d in %.1f s", step, seconds)
+        if self.pushes <= 2:  # the start, and the first push of trained weights (a reload that did nothing fails)
+            self.check_probe(student)
+
+    def check_probe(self, student: torch.nn.Module) -> None:
+        """The engine must compute the trainer's log-probs, or the samples are not the student's."""
+        device = next(student.parameters()).device
+        engine = torch.tensor(self.engine.prompt_logprobs(self.probe))  # type: ignore[union-attr]
+        ids = torch.tensor([self.probe], device=device)
+        with torch.no_grad():
+            logits = student(ids)[0].float()  # [T-1, V] fp32
+        trainer = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0].cpu()
+        diff = (engine - trainer).abs().mean().item()
+        log.info("rollouts: engine vs trainer log-probs on a %d-token probe: mean |diff| %.2e (tolerance %.0e)",
+                 len(self.probe), diff, self.tolerance)
+        if not diff <= self.tolerance:
+            raise RuntimeError(f"the rollout engine's log-probs differ from the trainer's by {diff:.3g} on average "
+                               f"(tolerance {self.tolerance:g}): its weights are not the student's")
+
+    def generate(self, prompts: list[list[int]], new_tokens: int, temperature: float, seeds: list[int]
+                 ) -> list[list[int]]:
+        return self.engine.generate(prompts, new_tokens, temperature, seeds)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def push_due(synced_step: int | None, step: int, every: int) -> bool:
+    """Whether an on-policy `step` must push weights first: the engine has none yet, or holds weights older than the
+    last multiple of `every` (the steps at which an uninterrupted run and a resumed one both hold fresh weights)."""
+    return synced_step is None or synced_step < step // every * every
+
+
+def seeded_uniform(seed: int, *key: object) -> float:
+    """A number in [0, 1) fixed by (seed, key): no RNG state to save for an exact resume."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *key))).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def eos_id(checkpoint: str | Path) -> int | None:
+    """The checkpoint's end-of-sequence id (generation_config.json first, as vLLM and transformers read it)."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(checkpoint) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if isinstance(eos, list):
+                eos = eos[0] if eos else None
+            if eos is not None:
+                return int(eos)
+    return None
 
 
 def _unshared(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -12,14 +12,17 @@ here and a name in `OBJECTIVES` and in `TrainSettings.objective`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from distill.components.models import Student, Teacher
+from distill.config import TrainConfig
 from distill.data import Batch
 from distill.objectives.kd import Distillation
 from distill.objectives.on_policy import OnPolicyDistillation
+from distill.objectives.online_preference import OnlinePreference
 from distill.objectives.preference import PreferenceOptimisation
 from distill.objectives.sft import SupervisedFineTuning
 
@@ -34,5 +37,11 @@ class Objective(Protocol):
     def close(self) -> None: ...  # stop what it started (a rollout engine)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"kd": Distillation, "gkd": OnPolicyDistillation,
-                                          "sft": SupervisedFineTuning, "prefer": PreferenceOptimisation}
+def preference(config: TrainConfig, *args: object, **kwargs: object) -> Objective:
+    """GPO on the data's pairs, or on pairs the policy samples each step (`prefer.online`)."""
+    kind = OnlinePreference if config.prefer.online is not None else PreferenceOptimisation
+    return kind(config, *args, **kwargs)  # type: ignore[arg-type]
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {"kd": Distillation, "gkd": OnPolicyDistillation,
+                                                   "sft": SupervisedFineTuning, "prefer": preference}

@@ -97,9 +97,14 @@ class PreferenceOptimisation:
                 f"log-ratios; reference: {source})")
 
     def __call__(self, student: Student, batch: Batch, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.gpo(student, batch)
+
+    def gpo(self, student: Student, batch: Batch, weight: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The GPO loss of a batch of pairs; `weight` [B] (0 or 1) leaves pairs out (online: ties)."""
         reference = self._reference_logprobs(student, batch)
         return student(batch.ids, self._head_loss, positions=batch.positions, labels=batch.labels,
-                       reference=reference, p=batch.preference)
+                       reference=reference, p=batch.preference, weight=weight)
 
     @torch.no_grad()
     def validation(self, student: Student, batch: Batch) -> dict[str, torch.Tensor]:
@@ -127,7 +132,7 @@ class PreferenceOptimisation:
             return student(batch.ids, score, positions=batch.positions)
 
     def _head_loss(self, hidden: torch.Tensor, head: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                   reference: torch.Tensor, p: torch.Tensor, reduce: bool = True
+                   reference: torch.Tensor, p: torch.Tensor, reduce: bool = True, weight: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sums, counts = sequence_logprobs(hidden, head, labels, self.chunk)
         per_token = sums / counts.clamp_min(1)
@@ -142,6 +147,7 @@ class PreferenceOptimisation:
                    "rejected_logratio": rejected.detach(), "chosen_nll": chosen_nll.detach()}
         if not reduce:
             return losses, {"loss": losses.detach(), **metrics, "answer_tokens": counts.chunk(2)[0]}
-        pairs = torch.tensor(float(len(z)), device=z.device)
-        # "tokens" is what the loop normalises by: pairs here (the loss is a mean over pairs, not answer tokens)
-        return losses.mean(), {**{k: v.mean() for k, v in metrics.items()}, "tokens": pairs}
+        w = torch.ones_like(z) if weight is None else weight.to(z.dtype)
+        pairs = w.sum()  # "tokens" is what the loop normalises by: pairs here (the loss is a mean over pairs)
+        mean = lambda v: (v * w).sum() / pairs.clamp_min(1)  # noqa: E731
+        return mean(losses), {**{k: mean(v) for k, v in metrics.items()}, "tokens": pairs.detach()}
