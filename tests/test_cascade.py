@@ -203,6 +203,8 @@ def test_every_trainer_setting_is_reachable_from_a_recipe(parent, tmp_path):
                 "on_policy": {"mix": 0.5, "prompt_tokens": 8, "new_tokens": 8, "temperature": 0.7, "sync_every": 2,
                               "kv_cache_gib": 0.5, "probe_tolerance": 0.01},
                 "sft": {"teacher_weight": None},  # objective sft's (tests/test_sft.py sets it from a recipe)
+                "prefer": {"loss": "logistic", "beta": 0.1, "average_logprobs": False, "sft_weight": 0.0,
+                           "online": None, "reference": None},  # objective prefer's (tests/test_prefer.py)
                 "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}}
     assert set(settings) == set(TrainSettings.model_fields)
     recipe = load_recipe(_write(_recipe(parent, train=settings), tmp_path / "r.yaml"))
