@@ -140,18 +140,22 @@ class Trainer:
             n = metrics["tokens"].double()
             (loss * metrics["tokens"]).backward()  # the sum over this micro-batch's trained tokens
             for name, value in {"loss": loss.detach(), **metrics}.items():
-                if name != "tokens":
-                    sums[name] = sums.get(name, 0) + value.double() * n
+                if name != "tokens":  # "batch_" metrics describe the micro-batch: a plain mean over micro-batches
+                    sums[name] = sums.get(name, 0) + value.double() * (1.0 if name.startswith("batch_") else n)
             sums["tokens"] = sums.get("tokens", 0) + n
+        sums["micro_batches"] = torch.full((), float(self.config.grad_accum), dtype=torch.float64,
+                                           device=sums["tokens"].device)
         names = list(sums)
         totals = all_sum(torch.stack([sums[k].reshape(()) for k in names]))
         count = totals[names.index("tokens")]
+        batches = totals[names.index("micro_batches")]
         # FSDP2 averages gradients over ranks: x world turns that mean back into the sum over every rank
         scale = self.world / max(count.item(), 1.0)
         for p in self.student.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
-        return {k: (totals[i] / count.clamp_min(1)).item() for i, k in enumerate(names) if k != "tokens"}
+        return {k: (totals[i] / (batches if k.startswith("batch_") else count.clamp_min(1))).item()
+                for i, k in enumerate(names) if k not in ("tokens", "micro_batches")}
 
     def _clip_and_check(self, loss: float, last_good: Path | None) -> float:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.optim.grad_clip)

@@ -140,13 +140,14 @@ def _adapters(config: ServerConfig, spec: ModelSpec) -> tuple:
     """The --lora adapters, checked against the served model before any engine loads."""
     if not config.lora:
         return ()
-    from serve.adapters import AdapterError, resolve_adapters
+    from serve.adapters import AdapterError, max_lora_rank, resolve_adapters
 
     if config.engine != "vllm":
         raise StartupError(f"--lora serves adapters per request on the vllm engine, not {config.engine}: use "
                            "--engine vllm, or serve the merged model (a LoRA post-training run registers it)")
     try:
         adapters = resolve_adapters(spec, config.lora, config.allow_pickle)
+        max_lora_rank(adapters)  # a rank vLLM cannot hold fails here, not inside the engine
     except AdapterError as e:
         raise StartupError(str(e)) from None
     log.info("LoRA adapters served per request: %s (on CPU this runs vLLM eager: no torch.compile)",

@@ -341,7 +341,8 @@ def test_online_labels_prefer_the_verified_answer_and_one_that_ends(online_pairs
     p, weight, stats = objective._labels(pairs, prompts, firsts, seconds)
     # right > wrong; a tie leaves the pair out; an endless answer loses even when its first number is right
     assert p.tolist() == [1.0, 0.0, 0.5, 0.0, 1.0] and weight.tolist() == [1, 1, 0, 1, 1]
-    assert stats["unfinished"].item() == pytest.approx(2 / 10)
+    assert stats["batch_unfinished"].item() == pytest.approx(2 / 10)
+    assert stats["batch_decided"].item() == pytest.approx(4 / 5)
     live = (pairs.labels.view(10, -1) != IGNORE_INDEX).sum(-1)
     assert live.tolist() == [len(a) for a in firsts + seconds]  # the answers' tokens are the targets
 
@@ -354,7 +355,7 @@ def test_online_preference_samples_from_the_policy_through_vllm(online_pairs, tm
     first = trainer.evaluate()
     final = trainer.train()
     steps = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
-    assert len(steps) == 3 and all(m["decided"] > 0 and 0 <= m["unfinished"] <= 1 for m in steps)
+    assert len(steps) == 3 and all(m["batch_decided"] > 0 and 0 <= m["batch_unfinished"] <= 1 for m in steps)
     assert trainer.objective.policy.pushes == 3 and trainer.objective.policy.engine is None  # stopped at the end
     assert final["val_loss"] != first["val_loss"]  # it trained (held-out pairs are the data's)
 

@@ -101,8 +101,9 @@ class OnlinePreference(PreferenceOptimisation):
         # an answer that never ends loses to one that does, whatever the labeller said
         p = torch.where(done[:, 0] & ~done[:, 1], 1.0, torch.where(~done[:, 0] & done[:, 1], 0.0, p))
         weight = (p != 0.5).float() if self.online.labels != "teacher" else torch.ones_like(p)  # type: ignore[union-attr]
-        stats = {"sample_reward": rewards.float().mean(), "decided": (p != 0.5).float().mean(),
-                 "unfinished": (~done).float().mean()}
+        # per micro-batch ("batch_": the loop averages them over micro-batches, not over the decided pairs)
+        stats = {"batch_sample_reward": rewards.float().mean(), "batch_decided": (p != 0.5).float().mean(),
+                 "batch_unfinished": (~done).float().mean()}
         return p.to(self.device), weight.to(self.device), {k: v.to(self.device) for k, v in stats.items()}
 
     def _text(self, answer: list[int]) -> str:
