@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from distill.chat_data import TaskConfig, chat_cache_key, render_conversation, seeded_order, source_files
+from distill.chat_data import FilesOrTask, TaskConfig, chat_cache_key, render_conversation, seeded_order, source_files
 from distill.data import DataError, jsonl_records
 from models.checkpoint import atomic_directory, is_prepared
 from models.registry import ModelSpec, cascade_home, get_model
@@ -36,8 +36,7 @@ log = logging.getLogger(__name__)
 PAIR_DATA_VERSION = "pair-data/1"
 
 
-class PairDataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PairDataConfig(FilesOrTask):
     format: Literal["pairs"] = Field(description="pairs: preference pairs (prompt, chosen, rejected, optional p)")
     paths: list[str] = Field(default_factory=list, description="JSONL globs, one pair per line (TRL's preference "
                              "format, conversational or plain strings, plus an optional soft label p)")
@@ -50,12 +49,6 @@ class PairDataConfig(BaseModel):
     template: str | None = Field(None, description="registry name (or checkpoint) whose chat template renders the "
                                  "pairs (default: the student; a post-training recipe sets its model's name)")
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _source(self) -> PairDataConfig:
-        if bool(self.paths) == (self.task is not None):
-            raise ValueError("give paths (JSONL files) or a task, one of them")
-        return self
 
 
 def _messages(value: Any, role: str, key: str) -> list[dict]:

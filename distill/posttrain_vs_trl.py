@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from distill.compare_trl import TRL, child_result, loop_seconds, result_path
+from distill.compare_trl import TRL, child_result, loop_seconds, result_path, run_cascade
 from distill.throughput import peak_rss_gib
 from models.checkpoint import write_text_atomic
 
@@ -47,19 +47,6 @@ def _hf_args(config, steps: int, out: Path, bf16: bool) -> dict:
                 adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], max_grad_norm=optim.grad_clip, bf16=bf16,
                 use_cpu=True, seed=config.seed, logging_steps=1, save_strategy="no", report_to=[],
                 dataloader_num_workers=0, remove_unused_columns=False, gradient_checkpointing=False)
-
-
-def run_cascade(spec: dict) -> dict:
-    from distill.config import TrainConfig
-    from distill.train import Trainer
-
-    config = TrainConfig.model_validate(spec["config"])
-    trainer = Trainer(config, progress=True)
-    started = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - started
-    trainer.export(Path(spec["out"]) / "model")
-    return {"wall_s": wall, "peak_rss_gib": peak_rss_gib()}
 
 
 def run_trl(spec: dict) -> dict:
@@ -109,7 +96,7 @@ def run_trl(spec: dict) -> dict:
     started = time.perf_counter()
     output = trainer.train()
     wall = time.perf_counter() - started
-    save_model(trainer.model, out / "model", Path(config.student))
+    save_model(trainer.model, out / "student", Path(config.student))  # where run_cascade writes ours
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     row_tokens = (2 if config.objective == "prefer" else 1) * config.data.seq_len
     return {"train_s": output.metrics["train_runtime"], "wall_s": wall, "losses": losses, "peak_rss_gib":
@@ -150,9 +137,9 @@ def compare(kind: str, config, work: Path, bf16: bool) -> list[dict]:
         if which == "cascade":
             result |= loop_seconds(out / "run" / "metrics.jsonl")
         if "scores" not in result:
-            result["scores"] = score(out / "model", run)
+            result["scores"] = score(out / "student", run)
             task = config.data.task
-            result["heldout_accuracy"] = accuracy(out / "model", problems("heldout", task.digits, task.seed))
+            result["heldout_accuracy"] = accuracy(out / "student", problems("heldout", task.digits, task.seed))
             write_text_atomic(result_path(spec_path, which), json.dumps(result))
         rows.append(result | {"setting": label})
         print(f"{kind} {label}: {result['tokens'] / result['train_s']:.1f} tokens/s, peak RSS "
