@@ -11,6 +11,7 @@ PYTEST_ARGS ?=
 RECIPE ?= distill/recipes/smollm2-cascade.yaml
 GENERAL_RECIPE ?= distill/recipes/smollm2-general.yaml
 POSTTRAIN_RECIPE ?= distill/recipes/posttrain/smollm2-arithmetic-sft.yaml
+GRPO_RECIPE ?= distill/recipes/posttrain/smollm2-arithmetic-grpo.yaml
 NPROC ?= 1
 DISTILL_ARGS ?=
 # python -m distill, or under torchrun + FSDP2 when NPROC > 1
@@ -29,7 +30,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model gguf serve test lint bench-serve distill posttrain chat-data corpus bench-distill distill-results bench-distill-speed bench-distill-trl bench-posttrain bench-kernels eval eval-report clean
+.PHONY: install model gguf serve test lint bench-serve distill posttrain grpo chat-data corpus bench-distill distill-results bench-distill-speed bench-distill-trl bench-posttrain bench-grpo bench-kernels eval eval-report clean
 
 install: $(STAMP)
 
@@ -81,6 +82,17 @@ distill: $(STAMP)
 # Resumes from checkpoints; a finished run is not redone.
 posttrain: $(STAMP)
 	$(DISTILL) posttrain $(POSTTRAIN_RECIPE) $(DISTILL_ARGS)
+
+# GRPO (Magistral's variant: groups sampled through our vLLM engine, weights pushed in place, verifiable rewards):
+# `make grpo` runs $(GRPO_RECIPE), `make grpo RECIPE=...` another; registered under the recipe's name.
+grpo: $(STAMP)
+	$(DISTILL) grpo $(if $(filter command line,$(origin RECIPE)),$(RECIPE),$(GRPO_RECIPE)) $(DISTILL_ARGS)
+
+# The GRPO section of docs/posttrain-results.md: arithmetic GRPO on the bundled model and on a cascade student (with
+# and without the KD term), 3 seeds each, the reasoning variant smollm2-135m-think through the eval reasoning suite,
+# and TRL's GRPOTrainer on the same run (hours on 2 cores; finished runs are reused).
+bench-grpo: $(STAMP)
+	$(PY) -m distill.grpo_bench $(BENCH_ARGS)
 
 # docs/posttrain-results.md: arithmetic SFT of the bundled model (held-out accuracy before/after), SFT vs SFT with
 # logit distillation of the default recipe's 70M student (`make distill` and `make corpus RECIPE=$(GENERAL_RECIPE)`

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     cascade.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan only")
     for name, what in (("sft", "on chat data (SFT, optionally with logit distillation)"),
                        ("prefer", "on preference pairs (GPO: DPO, IPO, SLiC, ... against a frozen reference)"),
+                       ("grpo", "by GRPO on its own samples of the data's prompts, scored by named rewards"),
                        ("posttrain", "with the recipe's train.objective (default sft)")):
         command = sub.add_parser(name, help=f"post-train a model {what}, then register it")
         command.add_argument("recipe", type=Path)
@@ -86,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     from distill.losses import VocabMismatchError
     from distill.model_io import UnsupportedModelError, load_config
     from distill.plan import Architecture, PlanError, plan_architecture
-    from distill.posttrain import load_posttrain_recipe, run_config, run_posttrain
+    from distill.posttrain import load_recipe_chain, run_config, run_posttrain
     from distill.train import Trainer, TrainingDivergedError
     from models.prepare import prepare
-    from models.registry import get_model
+    from models.registry import UnknownModelError, get_model
 
     try:
         if args.command == "plan":
@@ -113,14 +114,21 @@ def main(argv: list[str] | None = None) -> int:
             for name, count in write_task(args.out, args.digits, args.seed).items():
                 print(f"{count:6d} {args.out / name}")
             return 0
-        if args.command in ("sft", "prefer", "posttrain"):
-            recipe = load_posttrain_recipe(args.recipe, None if args.command == "posttrain" else args.command)
+        if args.command in ("sft", "prefer", "grpo", "posttrain"):
+            chain = load_recipe_chain(args.recipe, None if args.command == "posttrain" else args.command)
             if args.dry_run:
-                print(yaml.safe_dump(run_config(recipe, args.runs).model_dump(mode="json", exclude_defaults=True),
-                                     sort_keys=False), end="")
+                for done in chain[:-1]:
+                    print(f"# first: {done.name} ({done.train.objective}, from {done.model})")
+                try:
+                    config = run_config(chain[-1], args.runs)
+                except UnknownModelError:  # its start is the result of a recipe before it, not made yet
+                    print(f"# then {chain[-1].name} from {chain[-1].model} (its settings print once that exists)")
+                    return 0
+                print(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True), sort_keys=False), end="")
                 return 0
             init_distributed()
-            run_posttrain(recipe, args.runs)
+            for recipe in chain:  # --runs is the last recipe's; those before it use their own default
+                run_posttrain(recipe, args.runs if recipe is chain[-1] else None)
             return 0
         if args.command == "corpus":
             recipe = load_recipe(args.recipe)
@@ -136,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 parent, plans = plan_recipe(recipe)
                 print(f"cascade {recipe.name}: parent {parent.name}: {plans[0].source.describe()}")
                 for i, p in enumerate(plans, 1):
-                    print(f"  stage {i} {p.stage.name}: {p.target.describe()}, {p.stage.tokens:,} tokens")
+                    print(f"  stage {i} {p.stage.name}: {p.target.describe()}, {p.stage.tokens:,} tokens"
+                          + (f"; then post-trained by {Path(p.stage.posttrain).name}" if p.stage.posttrain else ""))
                 return 0
             init_distributed()
             run_recipe(recipe, args.runs)

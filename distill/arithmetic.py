@@ -27,6 +27,7 @@ Split = Literal["train", "heldout"]
 OPERATIONS: dict[str, Callable[[int, int], int]] = {"plus": operator.add, "minus": operator.sub,
                                                      "times": operator.mul}
 _NUMBER = re.compile(r"-?\d+")
+THINK_END = "</think>"  # serve/formats.py's think-tags end marker (not imported: this module stays light)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def write_task(out: Path, digits: int = 1, seed: int = 0) -> dict[str, int]:
 
 def accuracy(model: str | Path, chosen: list[Problem], batch_size: int = 32, max_new_tokens: int = 16
              ) -> dict[str, float]:
-    """Shares of `chosen` answered right, greedy, each question alone in a chat rendered as the server renders it:
+    """Shares of `chosen` answered right, greedy, each question alone in a chat rendered as the server renders it
+    (a reasoning model's answer after its thinking):
     `strict` (the first number is the answer) and `lenient` (the last number of the first line is). A quick check
     for benchmarks; the served model gives the same answers through `python -m eval`."""
     import torch
@@ -143,6 +145,7 @@ def accuracy(model: str | Path, chosen: list[Problem], batch_size: int = 32, max
             generated = o[width:].tolist()
             text = tok.decode(generated[: generated.index(tok.eos_token_id)] if tok.eos_token_id in generated
                               else generated)
+            text = text.split(THINK_END)[-1]  # a reasoning model is graded on its answer, not its thinking
             strict += correct(p, text)
             lenient += answered_somewhere(p, text)
     return {"strict": strict / len(chosen), "lenient": lenient / len(chosen)}

@@ -87,6 +87,10 @@ class Stage(BaseModel):
     optim: OptimConfig | None = None
     drafter: bool = Field(False, description="register the student as the root parent's drafter for speculative "
                                              "decoding (`python -m serve --draft-model NAME`)")
+    posttrain: str | None = Field(None, description="a post-training recipe (path relative to this recipe's "
+                                  "folder; its model: this stage's name) run on the student once it is distilled, "
+                                  "e.g. GRPO with the parent's logits in the loss; the next stage still starts from "
+                                  "the distilled student")
 
     @field_validator("tokens", mode="before")
     @classmethod
@@ -118,9 +122,26 @@ def load_recipe(path: Path) -> Recipe:
     from pydantic import ValidationError
 
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(f"{path}: {validation_problems(e, 'recipe')}") from e
+    for stage in recipe.stages:  # checked now, before any stage trains
+        if stage.posttrain is not None:
+            stage.posttrain = str((path.parent / stage.posttrain).resolve())
+            after = _posttrain_recipe(stage, path)
+            if after.model != stage.name:
+                raise RecipeError(f"{path}: stage {stage.name}: its posttrain recipe {after.name} must start from "
+                                  f"the stage's student (model: {stage.name}), not {after.model}")
+    return recipe
+
+
+def _posttrain_recipe(stage: Stage, path: Path | None = None):  # -> PostTrainRecipe
+    from distill.posttrain import PostTrainError, load_posttrain_recipe
+
+    try:
+        return load_posttrain_recipe(Path(stage.posttrain), None)  # type: ignore[arg-type]
+    except PostTrainError as e:
+        raise RecipeError(f"{path or 'recipe'}: stage {stage.name}: posttrain: {e}") from e
 
 
 @dataclasses.dataclass
@@ -172,7 +193,8 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
         print(f"cascade {recipe.name}: parent {parent_spec.name}: {plans[0].source.describe()}")
         for i, plan in enumerate(plans, 1):
             print(f"  stage {i} {plan.stage.name}: {plan.target.describe()}, {plan.stage.tokens:,} tokens, "
-                  f"teacher {plan.stage.teacher}")
+                  f"teacher {plan.stage.teacher}"
+                  + (f"; then post-trained by {Path(plan.stage.posttrain).name}" if plan.stage.posttrain else ""))
         prepare_sources(recipe.data, progress)  # the teacher's answers, once, before any stage needs them
     barrier()
     results = []
@@ -202,7 +224,7 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
         if done is not None:
             if is_rank0():
                 print(f"stage {i} {stage.name}: already done ({student_dir})")
-            results.append(done)
+            results.append(_posttrained(stage, done, stage_dir))
             source_dir = student_dir
             continue
         trainer = Trainer(train, progress=progress)
@@ -231,10 +253,20 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
             print(f"stage {i} {stage.name}: val ppl {card['pruned_only'].get('val_ppl', float('nan')):.1f} -> "
                   f"{final['val_ppl']:.1f}, KL to parent {card['pruned_only'].get('val_kl', float('nan')):.3f} -> "
                   f"{final.get('val_kl', float('nan')):.3f}; registered as {stage.name} ({student_dir})")
-        results.append(card)
-        source_dir = student_dir
         barrier()
+        results.append(_posttrained(stage, card, stage_dir))
+        source_dir = student_dir
     return results
+
+
+def _posttrained(stage: Stage, card: dict, stage_dir: Path) -> dict:
+    """The stage's card, with its post-training run's card under "posttrain" when the stage has one (the run's files
+    beside the stage's, its result registered under the post-training recipe's name)."""
+    if stage.posttrain is None:
+        return card
+    from distill.posttrain import run_posttrain
+
+    return card | {"posttrain": run_posttrain(_posttrain_recipe(stage), stage_dir / "posttrain")}
 
 
 def train_config(settings: TrainSettings, **run: object) -> TrainConfig:

@@ -20,6 +20,7 @@ from distill.components.rollouts import OnPolicyConfig
 from distill.data import DataConfig
 from distill.losses import LossConfig
 from distill.pair_data import PairDataConfig
+from distill.rl.rewards import RewardTerm
 
 
 def data_format(value: Any) -> str:
@@ -80,14 +81,71 @@ class PreferenceConfig(BaseModel):
                                   "student's starting weights; with LoRA the student with its adapters off, no copy)")
 
 
+class KLConfig(BaseModel):
+    """grpo.kl: a KL(policy || reference) penalty (distill/rl/kl.py); off by default, as in Magistral."""
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(0.0, ge=0, description="its weight; 0 (Magistral) loads no reference")
+    estimator: Literal["k1_reward", "k2_loss"] = Field(
+        "k1_reward", description="k1_reward: beta x the sequence's log-ratio sum off its reward (exact gradient); "
+                                 "k2_loss: beta x delta^2 / 2 per token in the loss (local term only)")
+    reference: str | None = Field(None, description="checkpoint of the reference (default: the starting weights; "
+                                  "with LoRA the student with its adapters off)")
+
+
+class GRPOConfig(BaseModel):
+    """objective grpo (distill/objectives/grpo.py): groups of samples per prompt, rewards, Magistral's GRPO."""
+    model_config = ConfigDict(extra="forbid")
+    group_size: int = Field(8, ge=2, description="samples per prompt (G)")
+    new_tokens: int = Field(16, ge=1, description="longest completion (l_max)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; no top-p/top-k (a truncated support "
+                               "biases the log-probs, trl#6789)")
+    rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="arithmetic")], min_length=1,
+                                      description="named reward functions (distill/rl/rewards.py), summed by weight")
+    advantage: Literal["magistral", "passk"] = Field(
+        "magistral", description="magistral: r - mean(group); passk: the pass@k advantage (for weak policies whose "
+                                 "groups are mostly all wrong)")
+    pass_k: int | None = Field(None, ge=1, description="passk: k (default: group_size)")
+    normalise: bool = Field(True, description="advantages to mean 0, std 1 over the step's live samples")
+    loss: Literal["clipped", "asymmetric"] = Field(
+        "clipped", description="clipped: PPO ratio with clip-higher; asymmetric: AsymRE -(r - V) log pi (stale "
+                               "or replayed samples)")
+    epsilon_low: float = Field(0.2, ge=0, lt=1, description="clip below 1 - epsilon_low")
+    epsilon_high: float = Field(0.28, ge=0, description="clip above 1 + epsilon_high (clip-higher)")
+    asymmetric_offset: float = Field(-0.1, le=0, description="asymmetric: V = mean(group) + this")
+    normalisation: Literal["group", "tokens", "sequence"] = Field(
+        "group", description="group: each group's token sum / its completion tokens (Magistral); tokens: / all "
+                             "live tokens (DAPO); sequence: per-sequence means (original GRPO)")
+    tis_cap: float | None = Field(2.0, gt=0, description="truncated importance weight min(pi_old / mu_engine, cap) "
+                                  "per token; null turns the correction off")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per generation (Magistral's minibatches): "
+                             "later steps train on samples of older weights, where the clip acts")
+    kl: KLConfig = KLConfig()
+    kd_weight: float = Field(0.0, ge=0, description="lambda x KL(teacher || student) over the vocabulary at each "
+                             "sampled token, in the same loss (RL and distillation at once; needs a teacher)")
+    kv_cache_gib: float = Field(1.0, gt=0, description="the rollout engine's KV cache")
+    probe_tolerance: float | None = Field(None, gt=0, description="largest mean |log-prob| difference, engine vs "
+                                          "trainer, after the first two pushes (default 1e-3 fp32, 0.05 bf16)")
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPOConfig:
+        if self.pass_k is not None and (self.advantage != "passk" or self.pass_k > self.group_size):
+            raise ValueError("pass_k is for advantage passk and at most group_size" if self.advantage == "passk"
+                             else "pass_k is for advantage: passk")
+        names = [t.name for t in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rewards: each function once, got {names}")
+        return self
+
+
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    objective: Literal["kd", "gkd", "sft", "prefer"] = Field(
+    objective: Literal["kd", "gkd", "sft", "prefer", "grpo"] = Field(
         "kd", description="the loss module over the shared loop (distill/objectives/): kd = KD from the teacher "
                           "on the data (+ optional cross-entropy; cross-entropy only without a teacher); gkd = "
                           "on-policy KD on the student's own samples for a share `on_policy.mix` of the steps; sft = "
                           "chat data, the assistant's tokens only, CE and/or KL to a teacher (`sft`); prefer = "
-                          "preference pairs, a GPO loss against a frozen reference (`prefer`)")
+                          "preference pairs, a GPO loss against a frozen reference (`prefer`); grpo = the policy's "
+                          "own samples of the chat data's prompts, scored by rewards (`grpo`)")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     precision: Precision = Field(
@@ -100,6 +158,7 @@ class TrainSettings(BaseModel):
     on_policy: OnPolicyConfig = OnPolicyConfig()
     sft: SFTConfig = SFTConfig()
     prefer: PreferenceConfig = PreferenceConfig()
+    grpo: GRPOConfig = GRPOConfig()
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight "
                                       "(distill/components/lora.py); the export holds the adapter and the merged model")
     teacher_top_k: int | None = Field(None, ge=1, description="distill from a cache of the teacher's top-k log-probs "
@@ -124,6 +183,11 @@ class TrainSettings(BaseModel):
             raise ValueError(f"the sft section is for objective sft, not {self.objective}")
         if self.objective != "prefer" and self.prefer != PreferenceConfig():
             raise ValueError(f"the prefer section is for objective prefer, not {self.objective}")
+        if self.objective != "grpo" and self.grpo != GRPOConfig():
+            raise ValueError(f"the grpo section is for objective grpo, not {self.objective}")
+        if self.objective == "grpo" and self.checkpoint.every % self.grpo.minibatches:
+            raise ValueError(f"checkpoint.every ({self.checkpoint.every}) must be a multiple of grpo.minibatches "
+                             f"({self.grpo.minibatches}): a resumed run must sample where the interrupted one did")
         return self
 
     @model_validator(mode="after")
@@ -168,9 +232,19 @@ class TrainConfig(TrainSettings):
     @model_validator(mode="after")
     def _chat(self) -> TrainConfig:
         chat = self.data.format == "chat"
-        if self.objective == "sft" and not chat:
-            raise ValueError("objective sft trains on the assistant's tokens of conversations: it needs data.format: "
-                             "chat (distill/chat_data.py)")
+        if self.objective in ("sft", "grpo") and not chat:
+            raise ValueError(f"objective {self.objective} trains on conversations: it needs data.format: chat "
+                             "(distill/chat_data.py)")
+        if self.objective == "grpo":
+            if self.data.packing:  # type: ignore[union-attr]
+                raise ValueError("objective grpo takes each conversation's prompt from its own row: set "
+                                 "data.packing: false")
+            if (self.teacher is not None) != (self.grpo.kd_weight > 0):
+                raise ValueError("grpo.kd_weight > 0 distils from a teacher: give one" if self.grpo.kd_weight
+                                 else "objective grpo uses a teacher only for grpo.kd_weight > 0; use eval_teacher "
+                                      "to measure KL to one")
+            if self.teacher_top_k is not None:
+                raise ValueError("teacher_top_k caches a teacher on the data; grpo scores its own samples")
         if chat and self.objective == "gkd":
             raise ValueError("objective gkd samples continuations of text rows; with chat data use sft or kd")
         if chat and self.teacher_top_k is not None:

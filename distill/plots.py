@@ -47,3 +47,17 @@ def plot_training(metrics: list[dict], out: Path, title: str) -> Path:
         "val KL(teacher||student)": [(m["tokens"], m["val_kl"]) for m in metrics if "val_kl" in m],
     }
     return plot_curves(series, out, title, "nats per token")
+
+
+def plot_rewards(metrics: list[dict], out: Path, title: str) -> Path | None:
+    """RL runs: the sampled reward per step, the share of groups that taught nothing, and the held-out greedy reward
+    at each evaluation, against steps (None when the run logged no reward)."""
+    if not any("batch_reward_mean" in m for m in metrics):
+        return None
+    series = {
+        "sampled reward (mean)": [(m["step"], m["batch_reward_mean"]) for m in metrics if "batch_reward_mean" in m],
+        "groups with equal rewards": [(m["step"], m["batch_zero_std_groups"]) for m in metrics
+                                      if "batch_zero_std_groups" in m],
+        "held-out greedy reward": [(m["step"], m["val_reward"]) for m in metrics if "val_reward" in m],
+    }
+    return plot_curves(series, out, title, "reward / share", xlabel="step")

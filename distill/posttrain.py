@@ -36,10 +36,10 @@ from distill.pair_data import PairDataConfig
 from distill.train import Trainer
 from models.checkpoint import weights_state
 from models.prepare import prepare
-from models.registry import REGISTRY, cascade_home, get_model, register_model
+from models.registry import REGISTRY, ReasoningFormat, cascade_home, get_model, register_model
 
-Objective = Literal["sft", "prefer"]
-DATA_FORMAT = {"sft": "chat", "prefer": "pairs"}
+Objective = Literal["sft", "prefer", "grpo"]
+DATA_FORMAT = {"sft": "chat", "prefer": "pairs", "grpo": "chat"}
 
 
 class PostTrainError(ValueError):
@@ -57,6 +57,11 @@ class PostTrainRecipe(BaseModel):
     tokens: int | None = Field(None, gt=0, description="training tokens (rows x seq_len), instead of epochs")
     train: TrainSettings = TrainSettings(objective="sft")
     seed: int = 0
+    after: str | None = Field(None, description="a recipe (path relative to this one's folder) that makes this "
+                              "one's `model`: it runs first (a no-op once done), e.g. a cold-start SFT before GRPO")
+    reasoning_format: ReasoningFormat | None = Field(
+        None, description="register the result with this reasoning format (the server splits its thinking from "
+                          "its answer); default: the starting model's")
 
     @model_validator(mode="after")
     def _budget(self) -> PostTrainRecipe:
@@ -81,6 +86,8 @@ def load_posttrain_recipe(path: Path, objective: Objective | None) -> PostTrainR
     raw["train"] = train
     if isinstance(raw.get("data"), dict):
         raw["data"].setdefault("format", DATA_FORMAT[given])
+        if given == "grpo":  # prompts come one conversation a row
+            raw["data"].setdefault("packing", False)
     try:
         recipe = PostTrainRecipe.model_validate(raw)
         # the run's own rules (sft needs chat data, a teacher for teacher_weight > 0...) before any model is prepared
@@ -89,6 +96,24 @@ def load_posttrain_recipe(path: Path, objective: Objective | None) -> PostTrainR
     except ValidationError as e:
         raise PostTrainError(f"{path}: {validation_problems(e, 'recipe')}") from e
     return recipe
+
+
+def load_recipe_chain(path: Path, objective: Objective | None) -> list[PostTrainRecipe]:
+    """The recipe and those it runs `after`, first to last; each later one must start from its predecessor."""
+    chain = [load_posttrain_recipe(path, objective)]
+    seen = {path.resolve()}
+    while chain[0].after is not None:
+        before = (path.parent / chain[0].after).resolve()
+        if before in seen:
+            raise PostTrainError(f"{path}: the recipes' `after` entries go round in a circle at {before}")
+        seen.add(before)
+        previous = load_posttrain_recipe(before, None)
+        if chain[0].model != previous.name:
+            raise PostTrainError(f"{path}: runs after {chain[0].after}, so its model must be that recipe's result "
+                                 f"{previous.name!r}, not {chain[0].model!r}")
+        chain.insert(0, previous)
+        path = before
+    return chain
 
 
 def _checkpoint(name: str) -> Path:
@@ -136,6 +161,7 @@ def run_posttrain(recipe: PostTrainRecipe, runs: Path | None = None, progress: b
                 "start_weights": weights_state(Path(config.student)), "model": recipe.model,
                 "teacher": recipe.teacher, "teacher_weight": config.sft.weight(config.teacher is not None),
                 "prefer": config.prefer.model_dump() if config.objective == "prefer" else None,
+                "grpo": config.grpo.model_dump() if config.objective == "grpo" else None,
                 "data": recipe.data.model_dump(), "tokens_seen": trainer.step * trainer.tokens_per_step,
                 "steps": trainer.step, "before": metrics[0] if metrics else {}, "final": final,
                 "train_seconds": round(trainer.elapsed, 1), "train_config": run_settings(config)}
@@ -150,13 +176,16 @@ def run_posttrain(recipe: PostTrainRecipe, runs: Path | None = None, progress: b
                   + (f", KL to the teacher {before['val_kl']:.3f} -> {final['val_kl']:.3f}"
                      if "val_kl" in final and "val_kl" in before else "")
                   + (f", held-out preference accuracy {before['val_reward_accuracy']:.3f} -> "
-                     f"{final['val_reward_accuracy']:.3f}" if "val_reward_accuracy" in before else "") + f" ({out})")
+                     f"{final['val_reward_accuracy']:.3f}" if "val_reward_accuracy" in before else "")
+                  + (f", held-out greedy reward {before['val_reward']:.3f} -> {final['val_reward']:.3f}"
+                     if "val_reward" in before else "") + f" ({out})")
     if is_rank0() and register:
         base = get_model(recipe.model)
         family = load_config(out).model_type
         register_model(dataclasses.replace(
             base, name=recipe.name, source="local", path=out,
             family=family if family in ("llama", "mistral", "ministral3") else base.family,
+            reasoning_format=recipe.reasoning_format or base.reasoning_format,
             description=f"{base.name} post-trained ({config.objective}) by the recipe {recipe.name}",
             draft_for=None))
         print(f"registered as {recipe.name}: python -m serve --model {recipe.name}")
@@ -183,7 +212,10 @@ def model_card(card: dict) -> str:
             ("KL(teacher ‖ model) per assistant token", "val_kl", ".4f"),
             ("top-1 agreement with the teacher", "val_top1_agree", ".3f"),
             ("pairs ranked right (delta > 0)", "val_reward_accuracy", ".3f"),
-            ("margin beta x delta", "val_margin", ".3f"), ("preference loss", "val_loss", ".4f")]
+            ("margin beta x delta", "val_margin", ".3f"), ("preference loss", "val_loss", ".4f"),
+            ("greedy answers' reward", "val_reward", ".3f"),
+            *((f"greedy answers' {t['name']} score", f"val_reward_{t['name']}", ".3f")
+              for t in (card.get("grpo") or {}).get("rewards", []))]
     table = [f"| {label} | {before.get(key, float('nan')):{fmt}} | {after[key]:{fmt}} |"
              for label, key, fmt in rows if key in after]
     return "\n".join([
@@ -191,7 +223,8 @@ def model_card(card: dict) -> str:
         f"`{card['model']}` post-trained with objective `{card['objective']}`"
         + (f", logit distillation from `{card['teacher']}` (weight {card['teacher_weight']:g})"
            if card["teacher"] else "")
-        + (f", GPO {card['prefer']['loss']} at beta {card['prefer']['beta']:g}" if card.get("prefer") else "") + ".",
+        + (f", GPO {card['prefer']['loss']} at beta {card['prefer']['beta']:g}" if card.get("prefer") else "")
+        + (f", GRPO with {card['grpo']['group_size']} samples a prompt" if card.get("grpo") else "") + ".",
         "",
         f"- Tokens seen: {card['tokens_seen']:,} in {card['steps']} steps ({card['train_seconds']} s)", "",
         "| held-out conversations | before | after |", "|---|---|---|", *table, "",

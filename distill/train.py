@@ -115,6 +115,7 @@ class Trainer:
                 self.step += 1
                 record = {"step": self.step, "tokens": self.step * self.tokens_per_step, **means, "lr": lr,
                           "grad_norm": grad_norm, "tokens_per_s": self.metrics.step_done(self.step)}
+                record["elapsed_s"] = round(self.elapsed, 2)  # training wall time so far (step times: differences)
                 if self.evaluator.due(self.step, self.total_steps):
                     final = self.evaluate()
                     record |= final

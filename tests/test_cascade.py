@@ -15,7 +15,7 @@ import yaml
 
 from distill.cascade import RecipeError, load_recipe, plan_recipe, run_recipe, train_config
 from distill.components.lr_scheduler import OptimConfig
-from distill.config import TrainConfig, TrainSettings, same_settings
+from distill.config import GRPOConfig, TrainConfig, TrainSettings, same_settings
 from distill.data import BatchSampler, DataConfig, DataError, SourceConfig, build_tokens
 from distill.losses import LossConfig
 from distill.model_io import load_model
@@ -120,6 +120,36 @@ def test_micro_cascade_prunes_distills_and_registers_each_stage(parent, tmp_path
     assert "| micro-cascade-b |" in markdown(rows, "r")
 
 
+def test_a_stage_is_post_trained_after_it_is_distilled_and_bad_chains_fail_first(parent, tmp_path):
+    """A stage's `posttrain` recipe runs on its student once distilled (SFT here; the shipped cascade-rl recipe
+    runs GRPO, the same path) and registers its own result; the next stage starts from the distilled student."""
+    from distill.arithmetic import problems
+
+    chat = tmp_path / "post" / "chat.jsonl"
+    chat.parent.mkdir()
+    chat.write_text("".join(json.dumps(p.conversation()) + "\n" for p in problems("train")[:40]))
+    post = {"name": "micro-cascade-post", "model": "micro-cascade-pa", "tokens": 32 * 4 * 2,
+            "data": {"paths": [str(chat)], "seq_len": 32, "val_conversations": 4},
+            "train": {"objective": "sft", "batch_size": 4, "precision": "float32", "eval": {"every": 2},
+                      "checkpoint": {"every": 2}}}
+    _write(post, tmp_path / "post" / "p.yaml")
+    stage = {"name": "micro-cascade-pa", "target": {"params": _params(parent, 0.6)}, "tokens": 32 * 4 * 3,
+             "posttrain": "post/p.yaml"}
+    recipe = _recipe(parent, name="micro-cascade-post-recipe", stages=[stage])
+    results = run_recipe(load_recipe(_write(recipe, tmp_path / "r.yaml")), tmp_path / "runs", progress=False)
+    posttrained = results[0]["posttrain"]
+    assert posttrained["name"] == "micro-cascade-post"
+    assert posttrained["start"] == str(get_model("micro-cascade-pa").path)
+    assert get_model("micro-cascade-post").path == Path(posttrained["path"])
+
+    _write({**post, "model": "someone-else"}, tmp_path / "post" / "p.yaml")
+    with pytest.raises(RecipeError, match="must start from the stage's student"):
+        load_recipe(tmp_path / "r.yaml")
+    _write({**post, "train": {"objective": "sft", "grpo": {"group_size": 4}}}, tmp_path / "post" / "p.yaml")
+    with pytest.raises(RecipeError, match=r"stage micro-cascade-pa: posttrain: .*grpo section is for objective grpo"):
+        load_recipe(tmp_path / "r.yaml")
+
+
 def test_settings_recorded_before_an_option_existed_match_only_at_its_default():
     now = {"lr": 1.0, "on_policy": {"mix": 1.0}, "sources": [{"kind": "files", "teacher": None}]}
     old = {"lr": 1.0, "sources": [{"kind": "files"}]}
@@ -205,6 +235,7 @@ def test_every_trainer_setting_is_reachable_from_a_recipe(parent, tmp_path):
                 "sft": {"teacher_weight": None},  # objective sft's (tests/test_sft.py sets it from a recipe)
                 "prefer": {"loss": "logistic", "beta": 0.1, "average_logprobs": False, "sft_weight": 0.0,
                            "online": None, "reference": None},  # objective prefer's (tests/test_prefer.py)
+                "grpo": GRPOConfig().model_dump(mode="json"),  # objective grpo's (tests/test_grpo.py)
                 "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}}
     assert set(settings) == set(TrainSettings.model_fields)
     recipe = load_recipe(_write(_recipe(parent, train=settings), tmp_path / "r.yaml"))

@@ -318,10 +318,15 @@ def test_two_fsdp2_ranks_give_the_one_process_gradient(micro_chat, tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "distill" / "recipes" / "posttrain").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_posttrain_recipes_are_valid(path):
-    from distill.posttrain import load_posttrain_recipe
+    """Each starts, through the recipes it runs after, from the bundled model or a shipped cascade's student."""
+    from distill.cascade import load_recipe
+    from distill.posttrain import DATA_FORMAT, load_recipe_chain
 
-    recipe = load_posttrain_recipe(path, None)
-    assert recipe.model == "smollm2-135m-instruct" and recipe.train.objective in ("sft", "prefer")
+    chain = load_recipe_chain(path, None)
+    students = {stage.name for cascade in (ROOT / "distill" / "recipes").glob("*.yaml")
+                for stage in load_recipe(cascade).stages}
+    assert chain[0].model in {"smollm2-135m-instruct", *students}
+    assert all(recipe.train.objective in DATA_FORMAT for recipe in chain)
 
 
 @pytest.mark.usefixtures("sft_home")

@@ -1,6 +1,6 @@
 """The run's record: one JSON line per step in metrics.jsonl (rank 0 writes), a progress bar, the throughput over
-this process's steps, and loss.png at the end. A resumed run cuts the log back to its checkpoint, so no step is
-recorded twice."""
+this process's steps, and loss.png (and rewards.png for RL runs) at the end. A resumed run cuts the log back to its
+checkpoint, so no step is recorded twice."""
 
 from __future__ import annotations
 
@@ -55,9 +55,11 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
         if is_rank0() and self.path.is_file():
-            from distill.plots import plot_training
+            from distill.plots import plot_rewards, plot_training
 
-            plot_training(read_metrics(self.path), self.out / "loss.png", title)
+            metrics = read_metrics(self.path)
+            plot_training(metrics, self.out / "loss.png", title)
+            plot_rewards(metrics, self.out / "rewards.png", title)  # RL runs only
 
 
 def read_metrics(path: Path) -> list[dict]:

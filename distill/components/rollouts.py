@@ -89,7 +89,13 @@ class RolloutEngine:
     def generate(self, prompts: list[list[int]], new_tokens: int, temperature: float, seeds: list[int]
                  ) -> list[list[int]]:
         """Sampled continuations (token ids, ending at EOS or after `new_tokens`)."""
-        return self._call(("generate", prompts, new_tokens, temperature, seeds, self.eos))
+        return [tokens for tokens, _ in self.sample(prompts, new_tokens, temperature, seeds, logprobs=False)]
+
+    def sample(self, prompts: list[list[int]], new_tokens: int, temperature: float, seeds: list[int],
+               logprobs: bool = True) -> list[tuple[list[int], list[float]]]:
+        """Sampled continuations with the engine's log-prob of each sampled token under the sampling distribution
+        (logits / temperature: vLLM's processed log-probs), or [] without `logprobs`."""
+        return self._call(("generate", prompts, new_tokens, temperature, seeds, self.eos, logprobs))
 
     def prompt_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[i] | ids[:i]) for i >= 1, as the engine computes them."""
@@ -130,8 +136,10 @@ class PolicySampler:
     pushed when due, and the engine's log-probs checked against the trainer's on the first two pushes."""
 
     def __init__(self, checkpoint: Path, max_len: int, precision: str, kv_cache_gib: float, seed: int,
-                 sync_every: int, probe: list[int], probe_tolerance: float | None) -> None:
+                 sync_every: int, probe: list[int], probe_tolerance: float | None, check_every_push: bool = False
+                 ) -> None:
         self.checkpoint, self.max_len, self.precision = checkpoint, max_len, precision
+        self.check_every_push = check_every_push  # else the first two pushes only (the start, the first trained)
         self.kv_cache_gib, self.seed, self.sync_every = kv_cache_gib, seed, sync_every
         self.probe = probe[: max_len - 1]  # + 1 generated token must fit
         self.tolerance = probe_tolerance or PROBE_TOLERANCE[precision]
@@ -143,13 +151,14 @@ class PolicySampler:
     def eos(self) -> int | None:
         return self.engine.eos if self.engine is not None else eos_id(self.checkpoint)
 
-    def sync(self, student: torch.nn.Module, step: int) -> None:
+    def sync(self, student: torch.nn.Module, step: int, force: bool = False) -> None:
         """Push the student's weights when the engine's are older than the last multiple of `sync_every` (every
         rank gathers its full copy). Checkpoints fall on those multiples, so a resumed run pushes exactly where the
-        interrupted one would have, whatever the steps between did."""
+        interrupted one would have, whatever the steps between did. `force` pushes unless the engine holds this
+        step's weights already (evaluation between pushes)."""
         from distill.components.checkpointer import full_model_state
 
-        if not push_due(self.synced_step, step, self.sync_every):
+        if not (push_due(self.synced_step, step, self.sync_every) or (force and self.synced_step != step)):
             return
         state = {k.removeprefix("lm."): v for k, v in full_model_state(student).items()}
         if self.engine is None:
@@ -159,7 +168,7 @@ class PolicySampler:
         seconds = self.engine.load(state, dtype)
         self.synced_step, self.pushes = step, self.pushes + 1
         log.debug("rollouts: weights pushed at step %d in %.1f s", step, seconds)
-        if self.pushes <= 2:  # the start, and the first push of trained weights (a reload that did nothing fails)
+        if self.pushes <= 2 or self.check_every_push:  # a reload that did nothing, or went wrong, fails here
             self.check_probe(student)
 
     def check_probe(self, student: torch.nn.Module) -> None:
@@ -180,6 +189,10 @@ class PolicySampler:
     def generate(self, prompts: list[list[int]], new_tokens: int, temperature: float, seeds: list[int]
                  ) -> list[list[int]]:
         return self.engine.generate(prompts, new_tokens, temperature, seeds)  # type: ignore[union-attr]
+
+    def sample(self, prompts: list[list[int]], new_tokens: int, temperature: float, seeds: list[int]
+               ) -> list[tuple[list[int], list[float]]]:
+        return self.engine.sample(prompts, new_tokens, temperature, seeds)  # type: ignore[union-attr]
 
     def close(self) -> None:
         if self.engine is not None:
@@ -263,6 +276,7 @@ def _engine(settings: dict[str, Any]) -> Any:
                kv_cache_memory_bytes=settings["kv_cache_memory_bytes"], seed=settings["seed"],
                enforce_eager=True,  # no torch.compile: a CPU start compiles for minutes; eager steps are fine here
                enable_prefix_caching=False,  # prompts are rows of text: nothing shared, and weights change anyway
+               logprobs_mode="processed_logprobs",  # sampled tokens' log-probs after temperature, as they were drawn
                skip_tokenizer_init=True)  # token ids in, token ids out
 
 
@@ -296,12 +310,19 @@ def _handle(llm: Any, message: tuple) -> Any:
         llm.reset_prefix_cache()
         return None
     if kind == "generate":
-        _, prompts, new_tokens, temperature, seeds, eos = message
+        _, prompts, new_tokens, temperature, seeds, eos, logprobs = message
         params = [SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=1.0, top_k=0, seed=seed,
-                                 stop_token_ids=[eos] if eos is not None else None, detokenize=False)
+                                 stop_token_ids=[eos] if eos is not None else None, detokenize=False,
+                                 logprobs=0 if logprobs else None)
                   for seed in seeds]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outputs]
+        done = []
+        for o in outputs:
+            tokens = list(o.outputs[0].token_ids)
+            scores = ([entry[t].logprob for t, entry in zip(tokens, o.outputs[0].logprobs, strict=True)]
+                      if logprobs else [])
+            done.append((tokens, scores))
+        return done
     if kind == "logprobs":
         ids = message[1]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)

@@ -3,8 +3,8 @@
 An objective is built once per run from the run's config and data, then called per micro-batch:
 `objective(student, batch, step) -> (loss, metrics)`: `loss` is the mean over the micro-batch's trained tokens and
 `metrics` holds per-token means by name and their count under "tokens" (per-pair means and the pair count for
-preference objectives, whose loss is a mean over pairs; names starting with "batch_" describe the micro-batch
-itself and are averaged over micro-batches instead). The loop turns each mean back into a sum and
+preference objectives, whose loss is a mean over pairs; groups for GRPO; names starting with "batch_" describe the
+micro-batch itself and are averaged over micro-batches instead). The loop turns each mean back into a sum and
 divides by the trained tokens of the whole step (every micro-batch and rank), so gradient accumulation equals one
 big batch whatever the tokens per micro-batch. An objective may also offer `validation(student, batch)`: sums
 over a held-out batch and their "count", which the evaluator reports as `val_<name>` means. Add one as a module
@@ -21,6 +21,7 @@ import torch
 from distill.components.models import Student, Teacher
 from distill.config import TrainConfig
 from distill.data import Batch
+from distill.objectives.grpo import GroupPolicyOptimisation
 from distill.objectives.kd import Distillation
 from distill.objectives.on_policy import OnPolicyDistillation
 from distill.objectives.online_preference import OnlinePreference
@@ -45,4 +46,5 @@ def preference(config: TrainConfig, *args: object, **kwargs: object) -> Objectiv
 
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {"kd": Distillation, "gkd": OnPolicyDistillation,
-                                                   "sft": SupervisedFineTuning, "prefer": preference}
+                                                   "sft": SupervisedFineTuning, "prefer": preference,
+                                                   "grpo": GroupPolicyOptimisation}
