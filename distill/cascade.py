@@ -128,18 +128,18 @@ def load_recipe(path: Path) -> Recipe:
     for stage in recipe.stages:  # checked now, before any stage trains
         if stage.posttrain is not None:
             stage.posttrain = str((path.parent / stage.posttrain).resolve())
-            after = _posttrain_recipe(stage, path)
-            if after.model != stage.name:
-                raise RecipeError(f"{path}: stage {stage.name}: its posttrain recipe {after.name} must start from "
-                                  f"the stage's student (model: {stage.name}), not {after.model}")
+            first = _posttrain_chain(stage, path)[0]
+            if first.model != stage.name:
+                raise RecipeError(f"{path}: stage {stage.name}: its posttrain recipe {first.name} must start from "
+                                  f"the stage's student (model: {stage.name}), not {first.model}")
     return recipe
 
 
-def _posttrain_recipe(stage: Stage, path: Path | None = None):  # -> PostTrainRecipe
-    from distill.posttrain import PostTrainError, load_posttrain_recipe
+def _posttrain_chain(stage: Stage, path: Path | None = None) -> list:  # [PostTrainRecipe]: first to last
+    from distill.posttrain import PostTrainError, load_recipe_chain
 
     try:
-        return load_posttrain_recipe(Path(stage.posttrain), None)  # type: ignore[arg-type]
+        return load_recipe_chain(Path(stage.posttrain), None)  # type: ignore[arg-type]
     except PostTrainError as e:
         raise RecipeError(f"{path or 'recipe'}: stage {stage.name}: posttrain: {e}") from e
 
@@ -266,7 +266,8 @@ def _posttrained(stage: Stage, card: dict, stage_dir: Path) -> dict:
         return card
     from distill.posttrain import run_posttrain
 
-    return card | {"posttrain": run_posttrain(_posttrain_recipe(stage), stage_dir / "posttrain")}
+    cards = [run_posttrain(recipe, stage_dir / "posttrain" / recipe.name) for recipe in _posttrain_chain(stage)]
+    return card | {"posttrain": cards[-1]}
 
 
 def train_config(settings: TrainSettings, **run: object) -> TrainConfig:
