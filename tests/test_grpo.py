@@ -307,6 +307,50 @@ def test_a_step_whose_groups_all_agree_trains_nothing(micro_rl, tmp_path):
     objective.close()
 
 
+@pytest.mark.usefixtures("rl_home", "parity")
+def test_asymmetric_reinforce_keeps_every_group_with_a_baseline_below_the_mean(micro_rl, tmp_path):
+    trainer = Trainer(_config(micro_rl, tmp_path / "run", grpo={"loss": "asymmetric", "asymmetric_offset": -0.1}),
+                      progress=False)
+    objective = trainer.objective
+    prompts = [objective.prompts[0]] * 8
+    rewards = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    objective._rollouts[0] = objective._prepare(trainer.student, [(prompts, _fake_samples(objective, prompts, 2),
+                                                                   rewards, {})])
+    rollouts = objective._rollouts[0][0]
+    want = rewards - rewards.mean(-1, keepdim=True) + 0.1  # r - V, V = mean - 0.1; no normalisation
+    assert rollouts.advantages.tolist() == pytest.approx(want.flatten().tolist())  # the agreeing group stays
+    loss, metrics = objective(trainer.student, None, 0)
+    assert metrics["tokens"].item() == 2 and torch.isfinite(loss)
+    objective.close()
+
+
+@pytest.mark.usefixtures("rl_home", "parity")
+def test_the_kd_term_is_the_teachers_kl_on_the_samples_even_where_rewards_agree(micro_rl, tmp_path):
+    """RL and distillation in one loss: with every group's rewards equal the policy gradient is 0, and what is left is
+    lambda x KL(teacher || student) over the vocabulary at each sampled token, per group's tokens."""
+    trainer = Trainer(_config(micro_rl, tmp_path / "run", teacher=str(micro_rl["teacher"]),
+                              grpo={"kd_weight": 0.5}), progress=False)
+    objective = trainer.objective
+    prompts = [objective.prompts[0]] * 4 + [objective.prompts[1]] * 4
+    objective._rollouts[0] = objective._prepare(trainer.student, [(prompts, _fake_samples(objective, prompts, 3),
+                                                                   torch.ones(2, 4, dtype=torch.float64), {})])
+    rollouts = objective._rollouts[0][0]
+    assert len(rollouts.ids) == 8 and rollouts.advantages.abs().sum() == 0  # kept, with nothing for the RL term
+    loss, metrics = objective(trainer.student, None, 0)
+    with torch.no_grad():
+        student = trainer.student(rollouts.ids).log_softmax(-1)
+        teacher = objective.teacher.logits(rollouts.ids).log_softmax(-1)
+    mask = (rollouts.labels != IGNORE_INDEX).view(8, -1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)[mask]  # [n]
+    sequence = mask.nonzero()[:, 0]
+    group_tokens = torch.zeros(2).index_add(0, rollouts.groups, rollouts.lengths.float())
+    want = 0.5 * (kl / group_tokens[rollouts.groups[sequence]]).sum() / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4) and metrics["batch_kd"].item() > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.student.parameters())
+    objective.close()
+
+
 @pytest.fixture(scope="module")
 def whole(micro_rl: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One uninterrupted run on the real engine: 4 steps, one generation per 2 steps (the second trains on the older

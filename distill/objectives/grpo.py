@@ -236,10 +236,12 @@ class GroupPolicyOptimisation:
               rewards: torch.Tensor, shaped: torch.Tensor, live: torch.Tensor, advantages: torch.Tensor,
               scores: dict[str, float], kl: torch.Tensor | None) -> Rollouts:
         """The micro-batch cut to its live groups (at least one sequence stays, weighted 0, so every rank runs a
-        forward and backward: FSDP2's collectives need all of them)."""
+        forward and backward: FSDP2's collectives need all of them). With a KD term every group stays: a group
+        whose rewards agree has nothing for the policy gradient but still the teacher's logits to learn from (the
+        weak-student case: most groups all wrong)."""
         g = self.settings.group_size
         width = ids.shape[1] - 1
-        keep = live.repeat_interleave(g)  # [B*G]
+        keep = (live | (self.settings.kd_weight > 0)).repeat_interleave(g)  # [B*G]
         weight = 1.0
         if not keep.any():
             keep[0], weight = True, 0.0
@@ -314,7 +316,8 @@ class GroupPolicyOptimisation:
             per_token = per_token + s.kd_weight * kd
             stats["kd"] = kd.mean().item()
         seq_weight, units = sequence_weights(r.lengths, r.groups, s.normalisation)
-        live = float(r.advantages.abs().sum() > 0 or s.loss != "clipped")  # a dead micro-batch trains nothing
+        # a micro-batch with no advantage (and no KD term) trains nothing
+        live = float(r.advantages.abs().sum() > 0 or s.loss != "clipped" or self.teacher is not None)
         loss = (per_token * seq_weight[sequence].to(per_token.dtype)).sum() / units * live
         stats |= {"entropy": entropy.mean().item(),
                   "engine_gap": (old - r.engine_logp).abs().mean().item(),  # same weights: engine vs trainer
