@@ -195,8 +195,20 @@ def write_report(results: dict, out: Path) -> None:
               f"{r['tokens_per_s']:.0f} |" for r in chat], "",
         ]
     lines += _preference_lines(results.get("preference")) + _trl_lines(results.get("trl"))
-    write_text_atomic(out / "posttrain-results.md", "\n".join(lines))
+    doc = out / "posttrain-results.md"
+    grpo = _kept_section(doc)  # `make bench-grpo` writes its own section: keep it
+    write_text_atomic(doc, "\n".join(lines) + (f"\n\n{grpo}\n" if grpo else ""))
     write_text_atomic(out / "posttrain-results.json", json.dumps(results, indent=1) + "\n")
+
+
+def _kept_section(doc: Path) -> str | None:
+    """The GRPO section distill/grpo_bench.py wrote into `doc`, if any."""
+    from distill.grpo_bench import SECTION_END, SECTION_START
+
+    text = doc.read_text() if doc.is_file() else ""
+    if SECTION_START not in text or SECTION_END not in text:
+        return None
+    return SECTION_START + text.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0] + SECTION_END
 
 
 def _preference_lines(p: dict | None) -> list[str]:

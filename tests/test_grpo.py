@@ -469,3 +469,16 @@ def test_a_grpo_recipe_runs_after_its_cold_start_and_registers_its_reasoning_for
     (tmp_path / "bad.yaml").write_text((tmp_path / "rl.yaml").read_text().replace('"micro-think-sft"', '"other"'))
     assert main(["grpo", str(tmp_path / "bad.yaml")]) != 0
     assert "its model must be that recipe's result 'micro-think-sft'" in capsys.readouterr().err
+
+
+def test_the_grpo_section_is_replaced_in_place_and_survives_the_other_benchmark(tmp_path):
+    from distill.grpo_bench import SECTION_END, SECTION_START, write_section
+    from distill.posttrain_bench import _kept_section
+
+    doc = tmp_path / "posttrain-results.md"
+    doc.write_text("# Post-training\n\nSFT rows\n")
+    write_section(f"{SECTION_START}\nfirst\n{SECTION_END}\n", doc)
+    write_section(f"{SECTION_START}\nsecond\n{SECTION_END}\n", doc)
+    text = doc.read_text()
+    assert text.startswith("# Post-training\n\nSFT rows") and "second" in text and "first" not in text
+    assert _kept_section(doc) == f"{SECTION_START}\nsecond\n{SECTION_END}"
