@@ -124,7 +124,7 @@ class GRPOConfig(BaseModel):
                              "sampled token, in the same loss (RL and distillation at once; needs a teacher)")
     kv_cache_gib: float = Field(1.0, gt=0, description="the rollout engine's KV cache")
     probe_tolerance: float | None = Field(None, gt=0, description="largest mean |log-prob| difference, engine vs "
-                                          "trainer, after the first two pushes (default 1e-3 fp32, 0.05 bf16)")
+                                          "trainer, after every push (default 1e-3 fp32, 0.05 bf16)")
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
