@@ -57,3 +57,34 @@ def test_trl_computes_our_loss_on_the_same_batches(micro, tmp_path, kind):
     assert runs["trl"]["tokens"] == runs["cascade"]["tokens"]
     if kind == "sft":  # (six DPO steps on a random micro model go up and down: the equality is the point)
         assert ours[-1] < ours[0]
+
+
+def test_trl_grpo_trains_on_our_prompts_in_our_order(micro, tmp_path):
+    """The GRPO comparison (distill/grpo_vs_trl.py): TRL's GRPOTrainer reads our prompt text in our step order and
+    is scored by our verifier (its samples are its own, so losses are not compared; the benchmark compares reward
+    curves and held-out accuracy)."""
+    from distill.grpo_vs_trl import ordered_prompts
+    from distill.objectives.grpo import prompt_end
+
+    config = TrainConfig.model_validate(dict(
+        objective="grpo", student=str(micro["student"]), out_dir=str(tmp_path / "unused"),
+        data={"format": "chat", "paths": [str(micro["corpus"] / "chat.jsonl")], "seq_len": 32,
+              "val_conversations": 8, "packing": False},
+        tokens=32 * 4 * 3, batch_size=4, precision="float32", eval={"every": 10**9}, checkpoint={"every": 10**9},
+        optim={"lr": 1e-3, "warmup_fraction": 0.0}, grpo={"group_size": 4, "new_tokens": 4}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CASCADE_HOME", str(micro["home"]))
+        steps, prompts = ordered_prompts(config)
+        from distill.data import BatchSampler, load_splits
+        from models.registry import get_model
+        from models.tokenizers import load_tokenizer
+
+        rows, _ = load_splits(config.data, config.data_model())
+        first = BatchSampler(rows.ids, 4, 1, 1, config.seed).indices(0, 0).tolist()
+        tok = load_tokenizer(get_model(config.data_model()))
+        assert prompts[:4] == [tok.decode(rows.ids[r, : prompt_end(rows.targets[r])].tolist()) for r in first]
+        assert steps == 3 and len(prompts) == 12 and all("What is" in p for p in prompts)
+        spec = {"config": config.model_dump(mode="json"), "out": str(tmp_path / "trl")}
+        result = child_result("trl", spec, tmp_path / "trl.spec.json", "distill.grpo_vs_trl")
+    assert result["steps"] == 3 and len(result["rewards"]) == 3 and all(0 <= r <= 1 for r in result["rewards"])
+    assert (tmp_path / "trl" / "student" / "config.json").is_file()
