@@ -130,6 +130,9 @@ def section(results: dict) -> str:
              ("step", "generate", "sync", "score", "train")}
         row.append(f"{t['step']:.1f} ({t['generate']:.1f} / {t['sync']:.1f} / {t['score']:.2f} / {t['train']:.1f})")
         lines.append("| " + " | ".join(row) + " |")
+    if not any("KD" in label for label in results.get("arithmetic", {})):
+        lines += ["", "Not measured yet: the cascade student with and without the KD term (`python -m "
+                  "distill.grpo_bench --parts student`; finished runs are reused)."]
     lines += ["", "![reward curves](bench/grpo/rewards.png)", ""]
     t = results.get("think")
     if t:
