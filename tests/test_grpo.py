@@ -482,3 +482,19 @@ def test_the_grpo_section_is_replaced_in_place_and_survives_the_other_benchmark(
     text = doc.read_text()
     assert text.startswith("# Post-training\n\nSFT rows") and "second" in text and "first" not in text
     assert _kept_section(doc) == f"{SECTION_START}\nsecond\n{SECTION_END}"
+
+
+@pytest.mark.usefixtures("rl_home")
+def test_many_seeded_prompts_at_once_sample_on_the_cpu_engine(micro_rl):
+    """More prompt tokens than one engine step takes, every request seeded: the engine must not split a prompt
+    (vLLM rewinds a split request's seeded generator with set_offset, which CPU generators do not have)."""
+    from distill.components.rollouts import RolloutEngine, eos_id
+
+    engine = RolloutEngine(micro_rl["student"], 64, "float32", 0.25, 0, eos_id(micro_rl["student"]))
+    try:
+        prompts = [[(7 * i + j) % 300 + 3 for j in range(48)] for i in range(256)]  # 12k prompt tokens
+        out = engine.sample(prompts, 4, 1.0, list(range(256)))
+        assert len(out) == 256 and all(1 <= len(tokens) == len(lps) <= 4 for tokens, lps in out)
+        assert engine.sample(prompts[:2], 4, 1.0, [0, 1]) == out[:2]  # seeded: the same draws again
+    finally:
+        engine.close()

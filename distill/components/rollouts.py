@@ -276,6 +276,10 @@ def _engine(settings: dict[str, Any]) -> Any:
                kv_cache_memory_bytes=settings["kv_cache_memory_bytes"], seed=settings["seed"],
                enforce_eager=True,  # no torch.compile: a CPU start compiles for minutes; eager steps are fine here
                enable_prefix_caching=False,  # prompts are rows of text: nothing shared, and weights change anyway
+               # whole prompts only: a prompt split over engine steps has its first sampled token discarded, and
+               # vLLM then rewinds that request's seeded generator with set_offset, which CPU generators lack
+               # ("CPU Generator does not use offset": GRPO's 128 seeded prompts a step hit it on the 2-core CPU)
+               enable_chunked_prefill=False,
                logprobs_mode="processed_logprobs",  # sampled tokens' log-probs after temperature, as they were drawn
                skip_tokenizer_init=True)  # token ids in, token ids out
 
