@@ -206,6 +206,22 @@ def push_due(synced_step: int | None, step: int, every: int) -> bool:
     return synced_step is None or synced_step < step // every * every
 
 
+def completion_rows(prompts: list[list[int]], completions: list[list[int]], pad: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[S, W] prompt + completion ids (padded with `pad`, else 0) and [S*(W-1)] labels on the completions only
+    (position t predicts token t + 1): what an objective trains on its policy's samples."""
+    from kernels.distill_loss import IGNORE_INDEX
+
+    sequences = [p + c for p, c in zip(prompts, completions, strict=True)]
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad if pad is not None else 0, dtype=torch.long)
+    labels = torch.full((len(sequences), width - 1), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, seq) in enumerate(zip(prompts, sequences, strict=True)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(prompt) - 1: len(seq) - 1] = torch.tensor(seq[len(prompt):])
+    return ids, labels.reshape(-1)
+
+
 def seeded_uniform(seed: int, *key: object) -> float:
     """A number in [0, 1) fixed by (seed, key): no RNG state to save for an exact resume."""
     digest = hashlib.sha256(":".join(map(str, (seed, *key))).encode()).digest()

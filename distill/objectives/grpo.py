@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from distill.common import all_sum, resolve_precision, world
 from distill.components.lora import adapters_disabled
 from distill.components.models import Student, Teacher, load_teacher
-from distill.components.rollouts import PolicySampler, seeded_uniform
+from distill.components.rollouts import PolicySampler, completion_rows, seeded_uniform
 from distill.config import TrainConfig
 from distill.data import Batch, BatchSampler, load_splits
 from distill.losses import token_divergence
@@ -264,15 +264,8 @@ class GroupPolicyOptimisation:
     def _rows(self, prompts: list[list[int]], samples: list[tuple[list[int], list[float]]]
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """[S, W] prompt + completion ids (EOS-padded) and [S*(W-1)] labels on the completions."""
-        sequences = [p + tokens for p, (tokens, _) in zip(prompts, samples, strict=True)]
-        width = max(map(len, sequences))
-        pad = self.policy.eos if self.policy.eos is not None else 0
-        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-        labels = torch.full((len(sequences), width - 1), IGNORE_INDEX, dtype=torch.long)
-        for i, (prompt, seq) in enumerate(zip(prompts, sequences, strict=True)):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(prompt) - 1: len(seq) - 1] = torch.tensor(seq[len(prompt):])  # t predicts t + 1
-        return ids.to(self.device), labels.reshape(-1).to(self.device)
+        ids, labels = completion_rows(prompts, [tokens for tokens, _ in samples], self.policy.eos)
+        return ids.to(self.device), labels.to(self.device)
 
     @torch.no_grad()
     def _logprobs(self, student: Student, ids: torch.Tensor, labels: torch.Tensor, reference: bool = False

@@ -19,7 +19,7 @@ import torch
 
 from distill.common import resolve_precision
 from distill.components.models import Student, load_teacher
-from distill.components.rollouts import PolicySampler, seeded_uniform
+from distill.components.rollouts import PolicySampler, completion_rows, seeded_uniform
 from distill.config import TrainConfig
 from distill.data import Batch, BatchSampler
 from distill.objectives.preference import PreferenceOptimisation, sequence_logprobs
@@ -68,16 +68,8 @@ class OnlinePreference(PreferenceOptimisation):
     def _pair_batch(self, rows: torch.Tensor, prompts: list[list[int]], first: list[list[int]],
                     second: list[list[int]]) -> Batch:
         """[2B, W] prompt + answer rows (the B first answers, then the B second ones), labels on the answers."""
-        sequences = [p + a for p, a in zip(prompts, first, strict=True)] + [
-            p + a for p, a in zip(prompts, second, strict=True)]
-        width = max(map(len, sequences))
-        pad = self.policy.eos if self.policy.eos is not None else 0
-        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-        labels = torch.full((len(sequences), width - 1), IGNORE_INDEX, dtype=torch.long)
-        for i, (prompt, seq) in enumerate(zip(prompts + prompts, sequences, strict=True)):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(prompt) - 1: len(seq) - 1] = torch.tensor(seq[len(prompt):])  # t predicts t + 1
-        return Batch(rows, ids.to(self.device), labels.reshape(-1).to(self.device))
+        ids, labels = completion_rows(prompts + prompts, first + second, self.policy.eos)
+        return Batch(rows, ids.to(self.device), labels.to(self.device))
 
     def _finished(self, answer: list[int]) -> bool:
         return len(answer) < self.online.new_tokens or (bool(answer) and answer[-1] == self.policy.eos)  # type: ignore[union-attr]
