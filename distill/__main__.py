@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from distill.answers import AnswerSettings, EndpointError, answer_with_teacher, write_answers
-    from distill.cascade import RecipeError, load_recipe, parse_count, plan_recipe, run_recipe
+    from distill.cascade import RecipeError, load_recipe, parent_chain, parse_count, plan_recipe, run_recipe
     from distill.common import close_distributed, init_distributed, is_rank0
     from distill.config import TrainConfig, validation_problems
     from distill.corpus import answers_file, prepare_sources
@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cascade":
             recipe = load_recipe(args.recipe)
             if args.dry_run:
-                parent, plans = plan_recipe(recipe)
-                print(f"cascade {recipe.name}: parent {parent.name}: {plans[0].source.describe()}")
+                for made in parent_chain(recipe):
+                    print(f"# first: {made.name} ({made.train.objective}, from {made.model})")
+                _, plans = plan_recipe(recipe)
+                print(f"cascade {recipe.name}: parent {recipe.parent}: {plans[0].source.describe()}")
                 for i, p in enumerate(plans, 1):
                     print(f"  stage {i} {p.stage.name}: {p.target.describe()}, {p.stage.tokens:,} tokens"
                           + (f"; then post-trained by {Path(p.stage.posttrain).name}" if p.stage.posttrain else ""))

@@ -7,7 +7,9 @@ server that is already running instead (ours or vLLM's own).
 
 Input lines are `{"messages": [...]}` (ending with a user turn) or `{"prompt": "text"}`. Answers go to
 `OUT.jsonl.partial` as they arrive, tagged with the prompt's line number, so an interrupted run picks up where it
-stopped; the finished file is written in prompt order and renamed into place.
+stopped; the finished file is written in prompt order and renamed into place. A reasoning model's thinking (the
+server's `reasoning`, or `reasoning_content` from older servers) is kept as the answer's `reasoning`, which the data
+source writes back between the model's thinking markers, so students learn to think as their teacher does.
 """
 
 from __future__ import annotations
@@ -94,8 +96,11 @@ async def _answer_all(base_url: str, api_key: str | None, model: str, prompts: l
                 if r.status_code != 200:
                     raise EndpointError(f"{base_url} answered {r.status_code} to prompt {i + 1}: {r.text[:300]}")
                 choice = r.json()["choices"][0]
-                record = {"index": i, "answer": choice["message"].get("content") or "",
-                          "finish_reason": choice["finish_reason"]}
+                message = choice["message"]
+                record = {"index": i, "answer": message.get("content") or "", "finish_reason": choice["finish_reason"]}
+                reasoning = message.get("reasoning") or message.get("reasoning_content")
+                if reasoning:  # a reasoning model's thinking, split off by the server: kept
+                    record["reasoning"] = reasoning
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
                 done[i] = record
@@ -134,7 +139,10 @@ def write_answers(prompts_path: Path, out: Path, base_url: str, api_key: str | N
     with tmp.open("w", encoding="utf-8") as f:
         for i, messages in enumerate(prompts):
             record = done[i]
-            line = {"messages": [*messages, {"role": "assistant", "content": record["answer"]}],
+            answer = {"role": "assistant", "content": record["answer"]}
+            if record.get("reasoning"):
+                answer["reasoning"] = record["reasoning"]
+            line = {"messages": [*messages, answer],
                     "teacher": model, "finish_reason": record["finish_reason"]}
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     os.replace(tmp, out)

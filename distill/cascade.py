@@ -102,6 +102,9 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     parent: str = Field(description="registry name or checkpoint directory of the root parent (the teacher)")
+    after: str | None = Field(None, description="a post-training recipe (path relative to this recipe's folder) "
+                              "whose result is the parent, run first (a no-op once done): e.g. the reasoning "
+                              "variant made from the bundled model, then distilled down")
     data: DataConfig
     calibration_sequences: int = Field(32, ge=1)
     layer_score: LayerScore = "block_importance"
@@ -125,6 +128,12 @@ def load_recipe(path: Path) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(f"{path}: {validation_problems(e, 'recipe')}") from e
+    if recipe.after is not None:  # checked now, before the parent is made
+        recipe.after = str((path.parent / recipe.after).resolve())
+        made = parent_chain(recipe, path)[-1].name
+        if made != recipe.parent:
+            raise RecipeError(f"{path}: runs after {Path(recipe.after).name}, which makes {made!r}: the parent must "
+                              f"be that model, not {recipe.parent!r}")
     for stage in recipe.stages:  # checked now, before any stage trains
         if stage.posttrain is not None:
             stage.posttrain = str((path.parent / stage.posttrain).resolve())
@@ -133,6 +142,18 @@ def load_recipe(path: Path) -> Recipe:
                 raise RecipeError(f"{path}: stage {stage.name}: its posttrain recipe {first.name} must start from "
                                   f"the stage's student (model: {stage.name}), not {first.model}")
     return recipe
+
+
+def parent_chain(recipe: Recipe, path: Path | None = None) -> list:  # [PostTrainRecipe]: first to last
+    """The post-training recipes that make the parent (`after`), first to last; [] when the parent exists."""
+    from distill.posttrain import PostTrainError, load_recipe_chain
+
+    if recipe.after is None:
+        return []
+    try:
+        return load_recipe_chain(Path(recipe.after), None)
+    except PostTrainError as e:
+        raise RecipeError(f"{path or 'recipe'}: after: {e}") from e
 
 
 def _posttrain_chain(stage: Stage, path: Path | None = None) -> list:  # [PostTrainRecipe]: first to last
@@ -152,11 +173,15 @@ class StagePlan:
 
 
 def plan_recipe(recipe: Recipe) -> tuple[ModelSpec, list[StagePlan]]:
-    """Check everything checkable without running a model; returns the parent spec and each stage's architecture."""
+    """Check everything checkable without running a model; returns the parent spec and each stage's architecture.
+    A parent that its `after` recipes have not made yet is planned from the model they start from (post-training
+    keeps the architecture) and that model's spec is returned."""
     try:
         parent = get_model(recipe.parent)
     except KeyError as e:
-        raise RecipeError(str(e)) from e
+        if recipe.after is None:
+            raise RecipeError(str(e)) from e
+        parent = get_model(parent_chain(recipe)[0].model)
     names = [s.name for s in recipe.stages]
     for name in names:
         if names.count(name) > 1:
@@ -186,6 +211,10 @@ def plan_recipe(recipe: Recipe) -> tuple[ModelSpec, list[StagePlan]]:
 
 
 def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) -> list[dict]:
+    from distill.posttrain import run_posttrain
+
+    for made in parent_chain(recipe):  # the parent first, when a post-training recipe makes it
+        run_posttrain(made)
     parent_spec, plans = plan_recipe(recipe)
     parent_dir = parent_spec.checkpoint_dir
     runs = runs or cascade_home() / "runs" / recipe.name

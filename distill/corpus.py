@@ -154,7 +154,9 @@ def ensure_answers(source: SourceConfig, concurrency: int = 32, progress: bool =
     else:
         answer_with_teacher(asked, raw, str(source.teacher), settings, ["--engine", "vllm"], progress)
     records = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if not index.hits(r["messages"][-1]["content"])]
+    # a reasoning teacher's thinking is training text too: checked with its answer
+    kept = [r for r in records if not index.hits(r["messages"][-1].get("reasoning", "") + "\n"
+                                                 + r["messages"][-1]["content"])]
     families: dict[str, int] = {}
     for p in clean:
         families[p.get("family", "file")] = families.get(p.get("family", "file"), 0) + 1

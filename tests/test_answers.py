@@ -71,6 +71,30 @@ def test_chat_records_are_finished_conversations(name: str, tmp_path: Path) -> N
     assert ids[: len(prompt := tokenizer.encode_chat(conversation[:1]))] == prompt  # the prompt as served
 
 
+def test_a_reasoning_teachers_thinking_is_training_text_in_its_markers(tmp_path: Path) -> None:
+    """The server splits a reasoning model's thinking off its answer; distilling only the answer would teach the
+    students to stop thinking. Rendered back between the model's markers, as the model writes it."""
+    import dataclasses
+
+    from models.prepare import prepare
+    from models.registry import get_model
+
+    spec = get_model("smollm2-135m-instruct")
+    prepare(spec)
+    think = dataclasses.replace(spec, reasoning_format="think-tags")
+    tokenizer = load_tokenizer(think)
+    conversation = [{"role": "user", "content": "What is 2 plus 3?"},
+                    {"role": "assistant", "content": "5", "reasoning": "2 plus 3 is 5."}]
+    path = _lines(tmp_path / "chat.jsonl", [{"messages": conversation}, {"messages": [
+        conversation[0], {"role": "assistant", "content": "5"}]}])
+    [(_, ids), (_, plain)] = list(file_documents([str(path)], tokenizer, think))
+    assert "<|im_start|>assistant\n<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>" in tokenizer.decode(ids)
+    assert plain == tokenizer.encode_conversation([conversation[0], {"role": "assistant", "content": "5"}])
+    assert ids[: len(prompt := tokenizer.encode_chat(conversation[:1]))] == prompt  # the prompt as served
+    with pytest.raises(DataError, match=r"chat.jsonl:1: .*reasoning format"):  # never silently dropped
+        list(file_documents([str(path)], tokenizer))
+
+
 def test_bad_prompt_files_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"p.jsonl:2: a line needs a 'prompt'"):
         read_prompts(_lines(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"text": "no"}]))

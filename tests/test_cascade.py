@@ -150,6 +150,39 @@ def test_a_stage_is_post_trained_after_it_is_distilled_and_bad_chains_fail_first
         load_recipe(tmp_path / "r.yaml")
 
 
+def test_a_parent_made_by_post_training_is_made_first_then_distilled(parent, tmp_path, capsys):
+    """`after:` names the post-training recipe that makes the parent (the reasoning variant's cascade): planned
+    from the model it starts from before it exists, made once, then distilled from."""
+    from distill.__main__ import main
+    from distill.arithmetic import problems
+
+    chat = tmp_path / "post" / "chat.jsonl"
+    chat.parent.mkdir()
+    chat.write_text("".join(json.dumps(p.conversation()) + "\n" for p in problems("train")[:40]))
+    post = {"name": "micro-after-parent", "model": str(parent["parent"]), "tokens": 32 * 4 * 2,
+            "data": {"paths": [str(chat)], "seq_len": 32, "val_conversations": 4},
+            "train": {"objective": "sft", "batch_size": 4, "precision": "float32", "eval": {"every": 2},
+                      "checkpoint": {"every": 2}}}
+    _write(post, tmp_path / "post" / "p.yaml")
+    stage = {"name": "micro-after-a", "target": {"params": _params(parent, 0.6)}, "tokens": 32 * 4 * 3}
+    recipe = _recipe(parent, name="micro-after", after="post/p.yaml", stages=[stage])
+    path = _write({**recipe, "parent": "micro-after-parent"}, tmp_path / "r.yaml")
+    assert main(["cascade", str(path), "--dry-run"]) == 0  # the parent is not made yet: planned from its start
+    out = capsys.readouterr().out
+    assert "# first: micro-after-parent (sft" in out and "parent micro-after-parent:" in out
+    with pytest.raises(KeyError):
+        get_model("micro-after-parent")
+
+    [card] = run_recipe(load_recipe(path), tmp_path / "runs", progress=False)
+    made = get_model("micro-after-parent").path
+    assert card["parent"] == "micro-after-parent" and card["teacher"] == str(made)
+    assert (tmp_path / "runs" / "micro-after-a" / "importance").is_dir()
+
+    _write({**recipe, "parent": "someone-else"}, path)
+    with pytest.raises(RecipeError, match="which makes 'micro-after-parent': the parent must be that model"):
+        load_recipe(path)
+
+
 def test_settings_recorded_before_an_option_existed_match_only_at_its_default():
     now = {"lr": 1.0, "on_policy": {"mix": 1.0}, "sources": [{"kind": "files", "teacher": None}]}
     old = {"lr": 1.0, "sources": [{"kind": "files"}]}
@@ -216,8 +249,12 @@ def test_bench_reports_every_baseline_at_equal_tokens(parent, tmp_path, monkeypa
 
 @pytest.mark.parametrize("path", sorted((ROOT / "distill" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(path):
+    """Each starts from the bundled model, or from what post-training recipes run first make of it."""
+    from distill.cascade import parent_chain
+
     recipe = load_recipe(path)
-    assert recipe.parent == "smollm2-135m-instruct" and recipe.stages
+    chain = parent_chain(recipe, path)
+    assert (chain[0].model if chain else recipe.parent) == "smollm2-135m-instruct" and recipe.stages
 
 
 def test_every_trainer_setting_is_reachable_from_a_recipe(parent, tmp_path):
