@@ -18,7 +18,7 @@ import torch
 
 from distill.common import resolve_precision
 from distill.components.models import Student
-from distill.components.rollouts import PolicySampler, seeded_uniform
+from distill.components.rollouts import PolicySampler, completion_rows, seeded_uniform
 from distill.config import TrainConfig
 from distill.data import Batch, BatchSampler
 from distill.objectives.kd import Distillation
@@ -64,18 +64,10 @@ class OnPolicyDistillation(Distillation):
         self.policy.close()
 
     def _samples(self, rows: torch.Tensor, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, P + N] prompt + sampled ids (padded with EOS after an early stop) and labels [B*(P+N-1)] that keep
-        only the sampled tokens."""
+        """[B, <= P + N] prompt + sampled ids (padded with EOS after an early stop) and labels that keep only the
+        sampled tokens."""
         prompts = ids[:, : self.prompt_tokens].tolist()
         seeds = [int(seeded_uniform(self.config.seed, "sample", step, int(r)) * 2**31) for r in rows]
         outs = self.policy.generate(prompts, self.new_tokens, self.settings.temperature, seeds)
-        pad = self.policy.eos if self.policy.eos is not None else 0
-        width = self.prompt_tokens + self.new_tokens
-        samples = torch.full((len(prompts), width), pad, dtype=torch.long)
-        labels = torch.full((len(prompts), width - 1), IGNORE_INDEX, dtype=torch.long)
-        for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
-            sequence = prompt + out
-            samples[i, : len(sequence)] = torch.tensor(sequence)
-            # position t predicts token t+1: the sampled tokens are targets from position P-1 on
-            labels[i, self.prompt_tokens - 1: len(sequence) - 1] = torch.tensor(out)
-        return samples.to(self.device), labels.reshape(-1).to(self.device)
+        samples, labels = completion_rows(prompts, outs, self.policy.eos)
+        return samples.to(self.device), labels.to(self.device)
