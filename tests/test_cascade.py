@@ -150,11 +150,13 @@ def test_a_stage_is_post_trained_after_it_is_distilled_and_bad_chains_fail_first
         load_recipe(tmp_path / "r.yaml")
 
 
-def test_a_parent_made_by_post_training_is_made_first_then_distilled(parent, tmp_path, capsys):
+def test_a_parent_made_by_post_training_is_made_first_then_distilled(parent, tmp_path, capsys, monkeypatch):
     """`after:` names the post-training recipe that makes the parent (the reasoning variant's cascade): planned
     from the model it starts from before it exists, made once, then distilled from."""
     from distill.__main__ import main
     from distill.arithmetic import problems
+
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path / "home"))  # the made parent's run is under its home's runs/
 
     chat = tmp_path / "post" / "chat.jsonl"
     chat.parent.mkdir()
