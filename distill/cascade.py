@@ -146,23 +146,20 @@ def load_recipe(path: Path) -> Recipe:
 
 def parent_chain(recipe: Recipe, path: Path | None = None) -> list:  # [PostTrainRecipe]: first to last
     """The post-training recipes that make the parent (`after`), first to last; [] when the parent exists."""
-    from distill.posttrain import PostTrainError, load_recipe_chain
-
-    if recipe.after is None:
-        return []
-    try:
-        return load_recipe_chain(Path(recipe.after), None)
-    except PostTrainError as e:
-        raise RecipeError(f"{path or 'recipe'}: after: {e}") from e
+    return [] if recipe.after is None else _recipe_chain(recipe.after, f"{path or 'recipe'}: after")
 
 
 def _posttrain_chain(stage: Stage, path: Path | None = None) -> list:  # [PostTrainRecipe]: first to last
+    return _recipe_chain(str(stage.posttrain), f"{path or 'recipe'}: stage {stage.name}: posttrain")
+
+
+def _recipe_chain(posttrain: str, where: str) -> list:
     from distill.posttrain import PostTrainError, load_recipe_chain
 
     try:
-        return load_recipe_chain(Path(stage.posttrain), None)  # type: ignore[arg-type]
+        return load_recipe_chain(Path(posttrain), None)
     except PostTrainError as e:
-        raise RecipeError(f"{path or 'recipe'}: stage {stage.name}: posttrain: {e}") from e
+        raise RecipeError(f"{where}: {e}") from e
 
 
 @dataclasses.dataclass

@@ -166,17 +166,18 @@ def section(results: dict) -> str:
                   "with `<think>`), and held-out arithmetic graded on the answer after the thinking.", "",
                   "| model | format_ok | thinking_present | answer_after | answer_correct | held-out arithmetic "
                   "strict |", "|---|---|---|---|---|---|"]
+        def row(label: str, suite: dict, arithmetic: dict | None) -> str:
+            scores = " | ".join(f"{suite.get(k, math.nan):.3f}" for k in
+                                ("format_ok", "thinking_present", "answer_after", "answer_correct"))
+            return f"| {label} | {scores} | " + (f"{arithmetic['strict']:.3f} |" if arithmetic else "|")
+
         for label, key, arith in (("smollm2-135m-instruct (steered)", "before", None),
                                   ("after cold-start SFT", "after_sft", "arithmetic_sft"),
                                   ("smollm2-135m-think (SFT + GRPO)", "after", "arithmetic")):
-            scores = " | ".join(f"{t[key].get(k, math.nan):.3f}" for k in
-                                ("format_ok", "thinking_present", "answer_after", "answer_correct"))
-            lines.append(f"| {label} | {scores} | {t[arith]['strict']:.3f} |" if arith else f"| {label} | {scores} | |")
+            lines.append(row(label, t[key], t[arith] if arith else None))
         for student in results.get("think_cascade", []):
-            scores = " | ".join(f"{student['eval'].get(k, math.nan):.3f}" for k in
-                                ("format_ok", "thinking_present", "answer_after", "answer_correct"))
-            lines.append(f"| {student['name']} ({student['params'] / 1e6:.1f}M, distilled from it) | {scores} | "
-                         f"{student['arithmetic']['strict']:.3f} |")
+            lines.append(row(f"{student['name']} ({student['params'] / 1e6:.1f}M, distilled from it)",
+                             student["eval"], student["arithmetic"]))
         if results.get("think_cascade"):
             lines += ["", "The students: distill/recipes/smollm2-think-cascade.yaml (pruned from smollm2-135m-think, "
                       "each distilled on 100k tokens of its answers to the general prompt set, thinking kept between "
