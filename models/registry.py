@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Family = Literal["llama", "mistral", "ministral3"]
+Family = Literal["llama", "mistral", "ministral3", "voxtral"]
+Modality = Literal["audio", "image"]
+# What each family takes besides text (its checkpoint also holds Mistral's native files: models/mistral_format.py).
+FAMILY_MEDIA: dict[str, tuple[Modality, ...]] = {"voxtral": ("audio",)}
 ChatFormat = Literal["hf", "mistral"]  # hf: the tokenizer's jinja template; mistral: mistral_common
 ToolFormat = Literal["hermes", "mistral", "mistral-v11"]
 ReasoningFormat = Literal["think-tags", "mistral-think"]
@@ -46,6 +49,10 @@ class ModelSpec:
             raise ValueError(f"model {self.name}: max_context {self.max_context} is too small")
 
     @property
+    def media(self) -> tuple[Modality, ...]:
+        return FAMILY_MEDIA.get(self.family, ())
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.path if self.path is not None else cascade_home() / "models" / self.name
 
@@ -80,6 +87,17 @@ REGISTRY: dict[str, ModelSpec] = {
             dtype="float32",
             max_context=2048,
             description="random MistralForCausalLM (2 layers, sliding window), Tekken 131k tokenizer; tests only",
+        ),
+        ModelSpec(
+            name="tiny-voxtral",
+            family="voxtral",
+            source="tiny",
+            chat_format="mistral",
+            tool_format="mistral",
+            dtype="float32",
+            max_context=2048,
+            description="random Voxtral (Whisper-style encoder, 4x adapter, Mistral decoder), Tekken v7 tokenizer with "
+                        "an audio section; Mistral-native files for vLLM beside the HF ones; tests only",
         ),
         ModelSpec(
             name="tiny-ministral3",

@@ -139,6 +139,28 @@ class MistralChatTokenizer:
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
         return self._render(self.mistral, messages, tools, template_kwargs)
 
+    def encode_chat_media(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                          template_kwargs: dict[str, Any] | None = None) -> tuple[list[int], list[Any], list[Any]]:
+        """(prompt ids, audio arrays, images) from one mistral_common call: the [AUDIO]/[IMG] placeholders it writes
+        match the media it returns (vLLM does not check the count for audio). Audio comes back resampled to the
+        tokenizer's rate and padded to whole chunks, as the encoder takes it."""
+        encoded = self._encoded(self.mistral, messages, tools, template_kwargs)
+        return list(encoded.tokens), [a.audio_array for a in encoded.audios], list(encoded.images)
+
+    def audio_rate(self) -> int | None:
+        """The sampling rate audio is resampled to, or None for a tokenizer without an audio section."""
+        config = self.raw.audio
+        return None if config is None else int(config.sampling_rate)
+
+    def encode_transcription(self, audio: bytes, language: str | None) -> tuple[list[int], list[Any]]:
+        """`[INST][BEGIN_AUDIO][AUDIO]...[/INST]lang:xx[TRANSCRIBE]`: Voxtral's transcription mode, no text prompt.
+        `audio` is an audio file's bytes; `language` an ISO-639-1 code (pydantic refuses others)."""
+        from mistral_common.protocol.transcription.request import TranscriptionRequest
+
+        request = TranscriptionRequest(audio=audio, language=language)
+        encoded = self.mistral.instruct_tokenizer.encode_transcription(request)
+        return list(encoded.tokens), [a.audio_array for a in encoded.audios]
+
     def encode_conversation(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
                             template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """mistral_common's fine-tuning mode accepts (and closes with EOS) a final assistant message."""
@@ -149,14 +171,19 @@ class MistralChatTokenizer:
             self._finetuning = MistralTokenizer.from_file(self._file, mode=ValidationMode.finetuning)
         return self._render(self._finetuning, messages, tools, template_kwargs)
 
-    @staticmethod
-    def _render(tokenizer: Any, messages: list[Message], tools: list[dict[str, Any]] | None,
+    @classmethod
+    def _render(cls, tokenizer: Any, messages: list[Message], tools: list[dict[str, Any]] | None,
                 template_kwargs: dict[str, Any] | None) -> list[int]:
+        return list(cls._encoded(tokenizer, messages, tools, template_kwargs).tokens)
+
+    @staticmethod
+    def _encoded(tokenizer: Any, messages: list[Message], tools: list[dict[str, Any]] | None,
+                 template_kwargs: dict[str, Any] | None) -> Any:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         try:
             request = ChatCompletionRequest.from_openai(messages, tools=tools, **(template_kwargs or {}))
-            return list(tokenizer.encode_chat_completion(request).tokens)
+            return tokenizer.encode_chat_completion(request)
         except Exception as e:  # pydantic ValidationError, InvalidMessageStructureException, ...
             raise ChatTemplateError(str(e).splitlines()[0]) from e
 

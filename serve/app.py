@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
@@ -16,10 +16,12 @@ from fastapi.responses import JSONResponse, Response
 from serve.engine import Engine
 from serve.errors import APIError
 from serve.http import Admission, BlockingPool, GatewayMiddleware, install_error_handlers
+from serve.media import MediaLimits
 from serve.metrics import ServerMetrics
 from serve.routes import RouteContext, register_openai_routes
 from serve.supervisor import EngineSupervisor
 from serve.tokenize import register_tokenizer_routes
+from serve.transcription import register_audio_routes
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class AppSettings:
     max_pending_requests: int = 128
     reasoning_content: bool = False  # also send reasoning as `reasoning_content` (older clients)
     tokenizer_workers: int = 2  # threads of the bounded pool for tokenizing and rendering
+    media_limits: MediaLimits = field(default_factory=MediaLimits)
 
 
 def create_app(engine: Engine, settings: AppSettings, supervisor: EngineSupervisor | None = None) -> FastAPI:
@@ -47,7 +50,7 @@ def create_app(engine: Engine, settings: AppSettings, supervisor: EngineSupervis
 
     app = FastAPI(title="cascade", version="0.1.0", lifespan=lifespan)
     ctx = RouteContext(engine=engine, metrics=metrics, admission=Admission(settings.max_pending_requests, metrics),
-                       pool=pool, reasoning_content=settings.reasoning_content)
+                       pool=pool, reasoning_content=settings.reasoning_content, media_limits=settings.media_limits)
     app.state.ctx = ctx
     app.add_middleware(GatewayMiddleware, api_key=settings.api_key, metrics=metrics)
     install_error_handlers(app)
@@ -84,5 +87,6 @@ def create_app(engine: Engine, settings: AppSettings, supervisor: EngineSupervis
         return model_card(model)
 
     register_openai_routes(app, ctx)
+    register_audio_routes(app, ctx)
     register_tokenizer_routes(app, ctx)
     return app

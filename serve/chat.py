@@ -18,9 +18,10 @@ from typing import Any
 
 from models.registry import ModelSpec, ReasoningFormat, ToolFormat
 from models.tokenizers import ChatTokenizer
-from serve.engine import Constraint, Engine, EngineOutput, GenerationParams, TokenLogprob
+from serve.engine import Constraint, Engine, EngineOutput, GenerationParams, Media, TokenLogprob
 from serve.errors import APIError
 from serve.formats import REASONING_FORMATS, ForcedStep
+from serve.media import LoadedMedia
 from serve.parsers import OutputParser, ParsedDelta
 from serve.protocol import ChatCompletionRequest, NamedToolChoice
 from serve.tools import (
@@ -122,13 +123,19 @@ def make_plan(req: ChatCompletionRequest, spec: ModelSpec) -> ChatPlan:
 # prompt
 
 
-def conversation(req: ChatCompletionRequest, spec: ModelSpec) -> list[dict[str, Any]]:
-    """OpenAI messages as plain dicts for the template; Mistral gets its 9-character call ids."""
+def conversation(req: ChatCompletionRequest, spec: ModelSpec, media: dict[str, dict[str, Any]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """OpenAI messages as plain dicts for the template; Mistral gets its 9-character call ids. `media` maps a part's
+    place ('messages[i].content[j]') to its checked payload (serve/media.py); messages with media keep their parts."""
     mistral = spec.chat_format == "mistral"
     fix_id: Callable[[str], str] = mistral_call_id if mistral else (lambda i: i)
     out = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if media and m.media_parts():
+            msg["content"] = [media[f"messages[{i}].content[{j}]"] if part.type != "text"
+                              else {"type": "text", "text": part.text}  # type: ignore[union-attr]
+                              for j, part in enumerate(m.content)]  # type: ignore[arg-type]
         if m.name and m.role in ("user", "system", "developer"):
             msg["name"] = m.name
         if m.tool_calls:
@@ -144,16 +151,26 @@ def conversation(req: ChatCompletionRequest, spec: ModelSpec) -> list[dict[str, 
     return out
 
 
-def render_prompt(spec: ModelSpec, tokenizer: ChatTokenizer, req: ChatCompletionRequest) -> list[int]:
-    """The chat request as prompt token ids (raises ChatTemplateError when the template refuses the messages)."""
-    return tokenizer.encode_chat(*template_inputs(spec, tokenizer, req))
+def render_prompt(spec: ModelSpec, tokenizer: ChatTokenizer, req: ChatCompletionRequest,
+                  media: list[LoadedMedia] | None = None) -> tuple[list[int], Media | None]:
+    """The chat request as prompt token ids, and its media as the engine takes them (raises ChatTemplateError when
+    the template refuses the messages)."""
+    if not media:
+        return tokenizer.encode_chat(*template_inputs(spec, tokenizer, req)), None
+    by_place = {item.param: item.part for item in media}
+    ids, audio, _ = tokenizer.encode_chat_media(*template_inputs(spec, tokenizer, req, by_place))  # type: ignore[attr-defined]
+    rate = tokenizer.audio_rate()  # type: ignore[attr-defined]
+    # images go to the engine as the PIL images we checked: vLLM's processor sizes them as mistral_common did
+    return ids, Media(audio=tuple((a, rate) for a in audio),
+                      images=tuple(item.image for item in media if item.modality == "image"))
 
 
-def template_inputs(spec: ModelSpec, tokenizer: ChatTokenizer, req: ChatCompletionRequest
+def template_inputs(spec: ModelSpec, tokenizer: ChatTokenizer, req: ChatCompletionRequest,
+                    media: dict[str, dict[str, Any]] | None = None
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any]]:
     """(messages, tools, template kwargs) as this model's template takes them: what the server renders for a
     prompt and what training data renders (distill/chat_data.py), so a model trains on the format it is served in."""
-    messages = conversation(req, spec)
+    messages = conversation(req, spec, media)
     choice = tool_choice(req)
     # tool_choice "none": the tools stay out of the prompt (vLLM's --exclude-tools-when-tool-choice-none).
     tools = tools_for_template(req.tools) if req.tools and choice != "none" else None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from models.gguf import QUANTS
 from models.registry import DEFAULT_MODEL
 from serve.formats import REASONING_FORMATS, TOOL_FORMATS
+from serve.media import MediaLimits, parse_per_prompt
 
 ENGINES = ("auto", "vllm", "llamacpp")
 
@@ -38,6 +39,12 @@ class ServerConfig:
     threads: int | None = None  # llama.cpp compute threads; None: one per core
     prefix_cache: bool = True
     lora: tuple[str, ...] = ()  # LoRA adapters served per request beside the model (serve/adapters.py)
+    # audio and image inputs (serve/media.py)
+    limit_mm_per_prompt: str = "audio=5,image=8"
+    max_audio_seconds: float = 300.0
+    max_image_pixels: int = 4096 * 4096
+    max_media_bytes: int = 20 << 20
+    allowed_media_domains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -54,6 +61,10 @@ class ServerConfig:
             raise ValueError("--threads must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError(f"--max-model-len {self.max_model_len} is too small (at least 16)")
+        try:
+            self.media_limits()
+        except ValueError as e:
+            raise ValueError(str(e).replace("limit-mm-per-prompt", "--limit-mm-per-prompt")) from None
         # argparse checks `choices` for flags but not for defaults taken from the environment
         for flag, value, allowed in (("engine", self.engine, ENGINES), ("gguf-quant", self.gguf_quant, QUANTS),
                                      ("tool-format", self.tool_format, (None, *TOOL_FORMATS)),
@@ -64,6 +75,13 @@ class ServerConfig:
                 env = "CASCADE_" + flag.upper().replace("-", "_")
                 raise ValueError(f"--{flag} {value!r} (or {env}) is not one of "
                                  f"{', '.join(a for a in allowed if a)}")
+
+
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(per_prompt=parse_per_prompt(self.limit_mm_per_prompt),
+                           max_audio_seconds=self.max_audio_seconds, max_image_pixels=self.max_image_pixels,
+                           max_bytes=self.max_media_bytes,
+                           allowed_domains=tuple(d.lower() for d in self.allowed_media_domains))
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -137,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "registry name, a directory holding adapter/, or a peft adapter directory; requests name it "
                         "in `model`. vLLM engine only; on CPU it turns torch.compile off (eager decoding) "
                         "[CASCADE_LORA, comma-separated] (default: none)")
+    p.add_argument("--limit-mm-per-prompt", default=_env("LIMIT_MM_PER_PROMPT", "audio=5,image=8"),
+                   help="audio/vision models: items a request may carry, e.g. audio=1,image=4 (or JSON) "
+                        "[CASCADE_LIMIT_MM_PER_PROMPT] (default: %(default)s)")
+    p.add_argument("--max-audio-seconds", type=float, default=_env("MAX_AUDIO_SECONDS", "300"),
+                   help="longest audio item accepted [CASCADE_MAX_AUDIO_SECONDS] (default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", str(4096 * 4096)),
+                   help="largest image accepted, width x height, read from its header before decoding "
+                        "[CASCADE_MAX_IMAGE_PIXELS] (default: %(default)s)")
+    p.add_argument("--max-media-bytes", type=int, default=_env("MAX_MEDIA_BYTES", str(20 << 20)),
+                   help="largest media item in bytes, after base64 decoding [CASCADE_MAX_MEDIA_BYTES] "
+                        "(default: %(default)s)")
+    p.add_argument("--allowed-media-domains", action="append", default=None, metavar="HOST",
+                   help="hosts whose http(s) image/audio URLs the server may fetch (repeatable); without it the "
+                        "server makes no outbound requests and accepts only data: URLs and inline base64 "
+                        "[CASCADE_ALLOWED_MEDIA_DOMAINS, comma-separated] (default: none)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"],
                    help="log level [CASCADE_LOG_LEVEL] (default: %(default)s)")
     # argparse runs string defaults through `type`, so a bad CASCADE_PORT is reported like a bad --port.
@@ -149,6 +182,9 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
     if args.lora is None:
         args.lora = [item.strip() for item in (_env("LORA") or "").split(",") if item.strip()]
     args.lora = tuple(args.lora)
+    if args.allowed_media_domains is None:
+        args.allowed_media_domains = [d.strip() for d in (_env("ALLOWED_MEDIA_DOMAINS") or "").split(",") if d.strip()]
+    args.allowed_media_domains = tuple(args.allowed_media_domains)
     try:
         return ServerConfig(**vars(args))
     except ValueError as e:

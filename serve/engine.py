@@ -50,6 +50,18 @@ class GenerationParams:
 
 
 @dataclass(frozen=True)
+class Media:
+    """Decoded media for one prompt, in prompt order: the prompt's ids already hold their placeholder tokens, made
+    by the same tokenizer call (serve/media.py, models/tokenizers.py)."""
+
+    audio: tuple[tuple[Any, int], ...] = ()  # (float32 mono samples, padded as the tokenizer counted them; rate)
+    images: tuple[Any, ...] = ()  # PIL RGB images
+
+    def __bool__(self) -> bool:
+        return bool(self.audio or self.images)
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
     token: str
@@ -127,8 +139,10 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load the model; raise EngineStartError with a one-line reason on failure. Also used to restart."""
 
-    def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
-                 ) -> AsyncIterator[EngineOutput]: ...
+    media: tuple[str, ...]  # what prompts may carry besides text ("audio", "image"); () for text-only engines
+
+    def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str,
+                 media: Media | None = None) -> AsyncIterator[EngineOutput]: ...
 
     def check_params(self, params: GenerationParams) -> None:
         """Raise EngineRequestError now for parameters the engine would refuse."""

@@ -37,7 +37,8 @@ MAX_BODY_BYTES = 32 << 20  # far above any prompt that fits a context; stops a c
 MAX_HEADER_BYTES = 64 << 10  # the request line and headers together; past it uvicorn (h11) answers 400 and closes
 MAX_JSON_DEPTH = 64  # nesting of the request body; real tool and response schemas stay far below
 OPEN_ROUTES = frozenset({"/health", "/metrics"})  # the only routes that never need the API key
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize",
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/audio/transcriptions", "/v1/audio/translations",
+          "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize",
           "/tokenizer_info")
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
@@ -51,6 +52,14 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
 async def read_json_object(request: Request, pool: BlockingPool | None = None) -> dict[str, Any]:
     """Read and parse the body ourselves: malformed, too large, too deep or invalid-Unicode bodies are 400/413s in
     OpenAI's shape, never FastAPI's 422 or a 500. Large bodies are parsed in the bounded pool, off the event loop."""
+    raw = await read_body(request)
+    if pool is not None and len(raw) > 256 << 10:
+        return await pool.run(decode_json_object, raw)
+    return decode_json_object(raw)
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body, refused with a 413 past MAX_BODY_BYTES whether or not the client declared its length."""
     too_large = APIError(413, f"request body exceeds {MAX_BODY_BYTES} bytes", code="request_too_large")
     try:
         declared = int(request.headers.get("content-length") or 0)
@@ -64,10 +73,7 @@ async def read_json_object(request: Request, pool: BlockingPool | None = None) -
         if size > MAX_BODY_BYTES:
             raise too_large
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    if pool is not None and len(raw) > 256 << 10:
-        return await pool.run(decode_json_object, raw)
-    return decode_json_object(raw)
+    return b"".join(chunks)
 
 
 def decode_json_object(raw: bytes) -> dict[str, Any]:

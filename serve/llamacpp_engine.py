@@ -46,6 +46,7 @@ from serve.engine import (
     EngineRequestError,
     EngineStartError,
     GenerationParams,
+    Media,
     SpecDecodeStats,
     TokenLogprob,
     generation_defaults,
@@ -76,6 +77,7 @@ class LlamaCppEngine:
         self.settings = settings
         self.model_name = spec.name
         self.adapters: tuple[str, ...] = ()  # per-request LoRA is vLLM's (serve/adapters.py)
+        self.media: tuple[str, ...] = ()  # our GGUF export is text-only: audio/vision models are served on vLLM
         self.max_model_len = settings.max_model_len
         self.tokenizer: ChatTokenizer = None  # type: ignore[assignment]  # loaded by start()
         self._server: Any = None
@@ -199,8 +201,10 @@ class LlamaCppEngine:
             if error:
                 raise EngineRequestError(f"the constraint does not compile: {error.strip().splitlines()[0]}")
 
-    async def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
-                       ) -> AsyncIterator[EngineOutput]:
+    async def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str,
+                       media: Media | None = None) -> AsyncIterator[EngineOutput]:
+        if media:
+            raise EngineRequestError("this engine takes text only")
         if self._server is None:
             raise EngineDeadError("the engine is restarting")
         self.check_params(params)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_N = 16
 MAX_STOP = 16
@@ -25,6 +34,59 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: Annotated[str, Field(min_length=1)]
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's image config decides the size
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(BaseModel):
+    data: Annotated[str, Field(min_length=1)]  # base64 of the file's bytes
+    format: Literal["wav", "mp3", "flac", "ogg"]
+
+
+class InputAudioPart(BaseModel):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioURL(BaseModel):
+    url: Annotated[str, Field(min_length=1)]
+
+
+class AudioURLPart(BaseModel):
+    type: Literal["audio_url"]  # vLLM's part type
+    audio_url: AudioURL
+
+
+MediaPart = ImagePart | InputAudioPart | AudioURLPart
+ContentPart = Annotated[TextPart | ImagePart | InputAudioPart | AudioURLPart, Field(discriminator="type")]
+PART_TYPES = ("text", "image_url", "input_audio", "audio_url")
+
+
+def _check_parts(v: object) -> object:
+    """Name the bad part and its field (pydantic would report the union's first member: 'a valid string')."""
+    from pydantic import TypeAdapter, ValidationError
+
+    if isinstance(v, list):
+        for j, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in PART_TYPES:
+                raise ValueError(f"content[{j}].type {kind!r} is not a supported content part type "
+                                 f"({', '.join(PART_TYPES)})")
+            try:
+                TypeAdapter(ContentPart).validate_python(part, strict=True)
+            except ValidationError as e:
+                err = e.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in err["loc"][1:])
+                raise ValueError(f"content[{j}].{where}: {err['msg']}") from None
+    return v
+
+
 class FunctionCall(BaseModel):
     name: Annotated[str, Field(min_length=1)]
     arguments: str  # a JSON object as text, as OpenAI sends it
@@ -39,7 +101,7 @@ class ToolCallIn(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Annotated[str | list[ContentPart] | None, BeforeValidator(_check_parts)] = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
     tool_call_id: str | None = None  # tool turns: which call this result answers
@@ -55,11 +117,18 @@ class ChatMessage(BaseModel):
         return self
 
     def text(self) -> str:
+        """The text parts joined (media parts, if any, are placed by `serve/media.py`)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def media_parts(self) -> list[tuple[int, MediaPart]]:
+        """(index in content, part) of each image or audio part."""
+        if not isinstance(self.content, list):
+            return []
+        return [(j, part) for j, part in enumerate(self.content) if not isinstance(part, TextPart)]
 
     def thinking(self) -> str | None:
         return self.reasoning if self.reasoning is not None else self.reasoning_content
@@ -254,6 +323,11 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def media_parts(self) -> list[tuple[str, MediaPart]]:
+        """('messages[i].content[j]', part) for every image and audio part, in prompt order."""
+        return [(f"messages[{i}].content[{j}]", part) for i, m in enumerate(self.messages)
+                for j, part in m.media_parts()]
+
     def text_length(self) -> int:
         """Characters the rendered prompt holds at least (contents, earlier calls, tool definitions)."""
         chars = 0
@@ -304,3 +378,30 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1 << 20)]
+
+
+class TranscriptionRequest(_Request):
+    """The form fields of /v1/audio/transcriptions and /translations (multipart; the file is read separately)."""
+
+    model: str
+    language: Annotated[str, Field(pattern=r"^[a-z]{2}$")] | None = None  # ISO-639-1, as OpenAI takes it
+    prompt: str | None = None
+    response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
+    temperature: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    stream: bool = False
+    timestamp_granularities: list[Literal["segment", "word"]] = Field(default_factory=lambda: ["segment"])
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # vLLM's extension; default: the context left
+
+    @field_validator("timestamp_granularities")
+    @classmethod
+    def _segments_only(cls, v: list[str]) -> list[str]:
+        if "word" in v:
+            raise ValueError("word timestamps are not supported (segment only)")
+        return v
+
+    @field_validator("stream")
+    @classmethod
+    def _stream_text(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("response_format") not in ("json", "text"):
+            raise ValueError("streaming sends text deltas: response_format must be json or text")
+        return v

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from models.tokenizers import ChatTemplateError
 from serve.chat import Piece, make_plan, render_prompt, run_choices
-from serve.engine import Engine, EngineOutput, EngineRequestError, GenerationParams
+from serve.engine import Engine, EngineOutput, EngineRequestError, GenerationParams, Media
 from serve.errors import APIError
 from serve.http import (
     Admission,
@@ -23,6 +23,7 @@ from serve.http import (
     read_json_object,
     stream_response,
 )
+from serve.media import LoadedMedia, MediaLimits, check_parts, fetch_payload, load_media
 from serve.metrics import ServerMetrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest
 from serve.responses import ChatShape, CompletionShape, chat_full, chat_stream, completion_full, completion_stream
@@ -47,6 +48,7 @@ class RouteContext:
     admission: Admission
     pool: BlockingPool
     reasoning_content: bool
+    media_limits: MediaLimits = dataclasses.field(default_factory=MediaLimits)
 
 
 def register_openai_routes(app: FastAPI, ctx: RouteContext) -> None:
@@ -61,17 +63,31 @@ def register_openai_routes(app: FastAPI, ctx: RouteContext) -> None:
         return await cancel_on_disconnect(request, serve_completions(ctx, body))
 
 
-async def render_chat(ctx: RouteContext, req: ChatCompletionRequest) -> list[int]:
-    """The prompt's token ids, rendered in the bounded pool; a conversation the template refuses is a 400."""
+async def render_chat(ctx: RouteContext, req: ChatCompletionRequest) -> tuple[list[int], Media | None]:
+    """The prompt's token ids (and media), rendered in the bounded pool; a conversation the template refuses is a
+    400, and so is media that is not accepted (serve/media.py)."""
     engine = ctx.engine
     check_text_length(engine, req.text_length(), "messages")
     if len(req.messages) > engine.max_model_len:  # each renders to a token at least: empty ones are not free
         raise APIError(400, f"messages: {len(req.messages)} messages cannot fit this model's context of "
                             f"{engine.max_model_len} tokens", param="messages", code="context_length_exceeded")
+    media = await load_request_media(ctx, req)
     try:
-        return await ctx.pool.run(render_prompt, engine.spec, engine.tokenizer, req)
+        return await ctx.pool.run(render_prompt, engine.spec, engine.tokenizer, req, media)
     except ChatTemplateError as e:
         raise APIError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
+
+
+async def load_request_media(ctx: RouteContext, req: ChatCompletionRequest) -> list[LoadedMedia]:
+    """Every image and audio part checked (what the model takes, how many, allowed sources), then decoded."""
+    parts = req.media_parts()
+    if not parts:
+        return []
+    roles = {f"messages[{i}].content[{j}]": m.role for i, m in enumerate(req.messages) for j, _ in m.media_parts()}
+    check_parts(parts, ctx.engine.media, ctx.engine.model_name, ctx.media_limits, roles)
+    payloads = [await fetch_payload(param, part, ctx.media_limits) for param, part in parts]
+    return await ctx.pool.run(lambda: [load_media(param, part, raw, declared, ctx.media_limits)
+                                       for (param, part), (raw, declared) in zip(parts, payloads, strict=True)])
 
 
 async def serve_chat(ctx: RouteContext, body: dict) -> Response:
@@ -83,7 +99,7 @@ async def serve_chat(ctx: RouteContext, body: dict) -> Response:
     # plans that continue run one engine request per choice: each takes an admission slot
     slots = req.n if plan.multi_segment and req.n > 1 else 1
     ctx.admission.check_size(slots, "n")
-    prompt_ids = await render_chat(ctx, req)
+    prompt_ids, media = await render_chat(ctx, req)
     max_tokens = budget_tokens(engine, len(prompt_ids), req.requested_max_tokens(), "messages")
     params = generation_params(engine, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                                adapter=adapter)
@@ -96,7 +112,7 @@ async def serve_chat(ctx: RouteContext, body: dict) -> Response:
     rid = f"chatcmpl-{uuid.uuid4().hex}"
 
     def generate(ids: list[int], p: GenerationParams, request_id: str) -> AsyncIterator[EngineOutput]:
-        return tracked(engine, ctx.metrics, "/v1/chat/completions", ids, p, request_id)
+        return tracked(engine, ctx.metrics, "/v1/chat/completions", ids, p, request_id, media)
 
     if plan.multi_segment and req.n > 1:  # plans that continue run per choice; seeds stay distinct
         runs = [run_choices(generate, engine, plan, prompt_ids,

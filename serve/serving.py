@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from serve.engine import Engine, EngineDeadError, EngineOutput, EngineRequestError, GenerationParams
+from serve.engine import Engine, EngineDeadError, EngineOutput, EngineRequestError, GenerationParams, Media
 from serve.errors import APIError
 from serve.metrics import ServerMetrics
 from serve.protocol import SamplingFields
@@ -89,14 +89,15 @@ def generation_params(engine: Engine, req: SamplingFields, max_tokens: int, logp
 
 
 async def tracked(engine: Engine, metrics: ServerMetrics, route: str, prompt_ids: list[int],
-                  params: GenerationParams, request_id: str) -> AsyncIterator[EngineOutput]:
+                  params: GenerationParams, request_id: str, media: Media | None = None
+                  ) -> AsyncIterator[EngineOutput]:
     """engine.generate plus metrics; a consumer that stops early (disconnect) aborts the engine request."""
     start = time.perf_counter()
     state = "waiting"
     metrics.waiting.inc()
     finished = failed = False
     try:
-        async for out in engine.generate(prompt_ids, params, request_id):
+        async for out in engine.generate(prompt_ids, params, request_id, media):
             new_tokens = sum(c.num_tokens for c in out.choices)
             if state == "waiting" and new_tokens:
                 metrics.ttft.labels(route).observe(time.perf_counter() - start)

@@ -34,7 +34,6 @@ class StartupError(Exception):
 
 
 def run(config: ServerConfig) -> int:
-    config = dataclasses.replace(config, engine=resolve_engine(config.engine, bool(config.lora)))
     sock = None
     try:
         sock = bind(config.host, config.port)
@@ -62,7 +61,7 @@ async def serve(engine: Engine, config: ServerConfig, sock: socket.socket) -> in
         return 1
     except Exception as e:  # an unforeseen failure after the engine came up (its tokenizer, say): still one line
         log.debug("engine start failed", exc_info=True)
-        print(f"error: the {config.engine} engine failed to start: {type(e).__name__}: {e} (--log-level debug "
+        print(f"error: the {engine.name} engine failed to start: {type(e).__name__}: {e} (--log-level debug "
               "shows the traceback)", file=sys.stderr)
         engine.shutdown()
         return 1
@@ -77,7 +76,8 @@ async def serve(engine: Engine, config: ServerConfig, sock: socket.socket) -> in
 
     supervisor = EngineSupervisor(engine, restart=config.restart_engine, on_fatal=on_fatal)
     app = create_app(engine, AppSettings(api_key=config.api_key, max_pending_requests=config.max_pending_requests,
-                                         reasoning_content=config.reasoning_content), supervisor)
+                                         reasoning_content=config.reasoning_content,
+                                         media_limits=config.media_limits()), supervisor)
     spec = engine.spec
     log.info("cascade server for %s on http://%s:%d (engine %s, auth %s, tools %s, reasoning %s)", spec.name,
              config.host, config.port, engine.name, "on" if config.api_key else "off", spec.tool_format,
@@ -94,13 +94,16 @@ async def serve(engine: Engine, config: ServerConfig, sock: socket.socket) -> in
 # checks before any engine loads
 
 
-def resolve_engine(engine: str, adapters: bool = False) -> str:
-    """`auto`: vLLM where there is a GPU or LoRA adapters to serve per request; on a CPU-only machine llama.cpp,
-    which `make bench-serve` measured faster for one to a few clients (vLLM overtakes it from about 16 concurrent
-    streams; README, "Engines")."""
+def resolve_engine(engine: str, adapters: bool = False, media: tuple[str, ...] = ()) -> str:
+    """`auto`: vLLM where there is a GPU, LoRA adapters to serve per request, or a model that takes audio or images;
+    on a CPU-only machine llama.cpp, which `make bench-serve` measured faster for one to a few clients (vLLM
+    overtakes it from about 16 concurrent streams; README, "Engines")."""
+    if engine == "llamacpp" and media:
+        raise StartupError(f"the llamacpp engine serves text only and this model takes {' and '.join(media)}: use "
+                           "--engine vllm (or auto)")
     if engine != "auto":
         return engine
-    if adapters or any(os.path.exists(dev) for dev in ("/dev/nvidia0", "/dev/kfd")):
+    if adapters or media or any(os.path.exists(dev) for dev in ("/dev/nvidia0", "/dev/kfd")):
         return "vllm"
     import importlib.util
 
@@ -109,6 +112,7 @@ def resolve_engine(engine: str, adapters: bool = False) -> str:
 
 def prepare_engine(config: ServerConfig) -> Engine:
     spec = resolve_model(config.model, config.allow_pickle)
+    config = dataclasses.replace(config, engine=resolve_engine(config.engine, bool(config.lora), spec.media))
     overrides = {k: getattr(config, k) for k in ("tool_format", "reasoning_format") if getattr(config, k)}
     spec = dataclasses.replace(spec, **overrides)
     drafter = None
@@ -133,7 +137,8 @@ def prepare_engine(config: ServerConfig) -> Engine:
     return VLLMEngine(spec, VLLMSettings(max_model_len=max_model_len, dtype=config.dtype or spec.dtype,
                                          kv_cache_bytes=kv_bytes, enforce_eager=config.enforce_eager,
                                          max_num_seqs=config.max_num_seqs, draft=draft,
-                                         prefix_cache=config.prefix_cache, adapters=adapters))
+                                         prefix_cache=config.prefix_cache, adapters=adapters,
+                                         media_per_prompt=config.media_limits().per_prompt))
 
 
 def _adapters(config: ServerConfig, spec: ModelSpec) -> tuple:
@@ -217,7 +222,9 @@ def context_length(spec: ModelSpec, config: ServerConfig) -> int:
 
 
 def _config(spec: ModelSpec) -> dict:
-    return json.loads((spec.checkpoint_dir / "config.json").read_text())
+    """The language model's config (an audio/vision model nests it under text_config)."""
+    config = json.loads((spec.checkpoint_dir / "config.json").read_text())
+    return config.get("text_config", config)
 
 
 def kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> int:

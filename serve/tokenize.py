@@ -32,7 +32,7 @@ def register_tokenizer_routes(app: FastAPI, ctx: RouteContext) -> None:
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt", code="invalid_value")
         tok = engine.tokenizer
         if req.messages is not None:  # exactly the ids /v1/chat/completions would send to the engine
-            ids = await render_chat(ctx, parse_body(ChatCompletionRequest, {**body, "model": engine.model_name}))
+            ids, _ = await render_chat(ctx, parse_body(ChatCompletionRequest, {**body, "model": engine.model_name}))
         else:
             prompt = req.prompt or ""
             check_text_length(engine, len(prompt), "prompt")

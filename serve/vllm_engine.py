@@ -25,6 +25,7 @@ from serve.engine import (
     EngineRequestError,
     EngineStartError,
     GenerationParams,
+    Media,
     SpecDecodeStats,
     TokenLogprob,
     generation_defaults,
@@ -56,6 +57,7 @@ class VLLMSettings:
     # SmolLM2 fp32, compiled): 50-54 vs 35-38 tok/s at one stream, 495 vs 337 tok/s at 16, and one process spawn
     # (~8 s) less at every start; vLLM's worker process and its shared-memory polling compete for the two cores.
     worker_in_engine_process: bool = True
+    media_per_prompt: dict[str, int] = dataclasses.field(default_factory=dict)  # audio/image items a prompt may hold
 
 
 class VLLMEngine:
@@ -66,6 +68,7 @@ class VLLMEngine:
         self.settings = settings
         self.model_name = spec.name
         self.adapters = tuple(a.name for a in settings.adapters)
+        self.media = spec.media
         self.max_model_len = settings.max_model_len
         self.tokenizer: ChatTokenizer = None  # type: ignore[assignment]  # loaded by start()
         self._llm: Any = None
@@ -88,6 +91,7 @@ class VLLMEngine:
             model=str(self.spec.checkpoint_dir),
             served_model_name=[self.spec.name],
             tokenizer_mode="mistral" if self.spec.chat_format == "mistral" else "auto",
+            **self._media_args(),
             dtype=s.dtype,
             max_model_len=self.max_model_len,
             enforce_eager=s.enforce_eager,
@@ -100,6 +104,13 @@ class VLLMEngine:
             # small model pads values with blanks or newlines until max_tokens. vLLM reads this only engine-wide.
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
+
+    def _media_args(self) -> dict[str, Any]:
+        """Audio/vision models load from Mistral's native files (models/mistral_format.py) with our item limits."""
+        if not self.spec.media:
+            return {}
+        return {"config_format": "mistral", "load_format": "mistral",
+                "limit_mm_per_prompt": {m: self.settings.media_per_prompt.get(m, 0) for m in self.spec.media}}
 
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -161,8 +172,8 @@ class VLLMEngine:
         except (ValueError, VLLMClientError) as e:  # VLLMValidationError is a VLLMClientError
             raise EngineRequestError(str(e), param=getattr(e, "parameter", None)) from None
 
-    async def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
-                       ) -> AsyncIterator[EngineOutput]:
+    async def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str,
+                       media: Media | None = None) -> AsyncIterator[EngineOutput]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMDeadError
 
@@ -172,7 +183,7 @@ class VLLMEngine:
         copies = params.n // sampling.n  # > 1 only for greedy n > 1
         first = True
         try:
-            async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id,
+            async for out in self._llm.generate(_prompt(prompt_token_ids, media), sampling, request_id,
                                                 lora_request=self._lora_request(params.adapter)):
                 choices = [_choice(c, params.logprobs or 0) for c in out.outputs]
                 if copies > 1:
@@ -298,6 +309,18 @@ def _heartbeat(message: str, every_s: float = 15.0) -> Iterator[None]:
     finally:
         done.set()
         log.info("engine started in %.1f s", time.monotonic() - start)
+
+
+def _prompt(ids: list[int], media: Media | None) -> dict[str, Any]:
+    """vLLM's prompt dict; the ids already hold the media's placeholder tokens (their processors only check them)."""
+    if not media:
+        return {"prompt_token_ids": ids}
+    data: dict[str, Any] = {}
+    if media.audio:
+        data["audio"] = list(media.audio)
+    if media.images:
+        data["image"] = list(media.images)
+    return {"prompt_token_ids": ids, "multi_modal_data": data}
 
 
 def _structured(c: Constraint | None) -> Any:

@@ -76,11 +76,17 @@ class LocalRenderer:
         self.tokenizer = load_tokenizer(spec)
 
     def prompt(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
+        import asyncio
+
         from serve.chat import render_prompt
+        from serve.media import MediaLimits, fetch_payload, load_media
         from serve.protocol import ChatCompletionRequest
 
         req = ChatCompletionRequest.model_validate({"model": self.spec.name, "messages": messages} | extra)
-        return render_prompt(self.spec, self.tokenizer, req)
+        limits = MediaLimits()
+        media = [load_media(param, part, *asyncio.run(fetch_payload(param, part, limits)), limits)
+                 for param, part in req.media_parts()]
+        return render_prompt(self.spec, self.tokenizer, req, media)[0]
 
 
 @pytest.fixture(scope="session")
@@ -168,6 +174,22 @@ def tiny_ministral3() -> ModelSpec:
 def ministral_server(tiny_ministral3: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """Tiny Ministral 3 with a Tekken v13 tokenizer: [THINK] reasoning and v11 `[TOOL_CALLS]name[ARGS]` calls."""
     s = start(tiny_ministral3, tmp_path_factory.mktemp("ministral"), "--max-model-len", "1024", "--enforce-eager")
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def tiny_voxtral() -> ModelSpec:
+    spec = get_model("tiny-voxtral")
+    prepare(spec)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def voxtral_server(tiny_voxtral: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Tiny Voxtral on vLLM (Mistral-native files), with small media limits the tests reach."""
+    s = start(tiny_voxtral, tmp_path_factory.mktemp("voxtral"), "--max-model-len", "1024", "--enforce-eager",
+              "--limit-mm-per-prompt", "audio=2", "--max-audio-seconds", "25", engine="auto")
     yield s
     stop_server(s)
 

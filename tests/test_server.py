@@ -231,7 +231,8 @@ def test_auth_required_on_every_model_route(server: RunningServer) -> None:
     stay open for probes and scrapers."""
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-key"}):
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
-                             ("POST", "/detokenize"), ("GET", "/tokenizer_info"), ("GET", "/no/such/route")):
+                             ("POST", "/detokenize"), ("GET", "/tokenizer_info"), ("GET", "/no/such/route"),
+                             ("POST", "/v1/audio/transcriptions"), ("POST", "/v1/audio/translations")):
             r = httpx.request(method, f"{server.base_url}{path}", headers=headers, json={"prompt": "hi"})
             assert r.status_code == 401, (headers, path)
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}

@@ -58,6 +58,19 @@ def test_llamacpp_refuses_a_context_past_the_sliding_window(tiny_mistral: ModelS
                    "without its sliding window of 512 tokens")
 
 
+def test_llamacpp_refuses_an_audio_model(tiny_voxtral: ModelSpec) -> None:
+    one_line_error(serve("--model", "tiny-voxtral", "--engine", "llamacpp"), "serves text only")
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--limit-mm-per-prompt", "audio"), "is not MODALITY=COUNT"),
+    (("--limit-mm-per-prompt", "video=2"), "modalities: audio, image"),
+])
+def test_bad_media_limits_are_one_line(args: tuple[str, ...], needle: str) -> None:
+    out = serve(*args)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.server
 def test_the_kv_cache_is_sized_by_the_server(tiny_server: RunningServer) -> None:
     """`python -m serve` needs no environment from the Makefile: nothing sets VLLM_CPU_KVCACHE_SPACE, and vLLM gets

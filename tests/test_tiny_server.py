@@ -54,3 +54,17 @@ def test_tiny_ministral3_serves(ministral_server: RunningServer) -> None:
     r = client.completions.create(model="tiny-ministral3", prompt=[1, 22, 333, 4444], max_tokens=4, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+
+
+def test_a_text_model_refuses_media_by_part(tiny_server: RunningServer) -> None:
+    import base64
+
+    client = openai.OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0)
+    wav = base64.b64encode(b"RIFF").decode()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-mistral", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "hi"}, {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}])
+    assert err.value.body["param"] == "messages[0].content[1]" and "text only" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.audio.transcriptions.create(model="tiny-mistral", file=("a.wav", b"RIFF"))
+    assert err.value.body["param"] == "model" and "does not take audio" in err.value.body["message"]
