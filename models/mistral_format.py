@@ -130,6 +130,56 @@ def voxtral_native(model: Any, max_context: int, sampling_rate: int = 16000, hop
     return params, tensors
 
 
+_VIT_LAYER = {  # HF Pixtral ViT layer names -> Mistral names
+    "attention.q_proj": "attention.wq",
+    "attention.k_proj": "attention.wk",
+    "attention.v_proj": "attention.wv",
+    "attention.o_proj": "attention.wo",
+    "attention_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+    "feed_forward.gate_proj": "feed_forward.w1",
+    "feed_forward.down_proj": "feed_forward.w2",
+    "feed_forward.up_proj": "feed_forward.w3",
+}
+
+
+def pixtral_native(model: Any, max_context: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(params.json, tensors) for a transformers `Mistral3ForConditionalGeneration` (Pixtral ViT + patch merger):
+    the layout vLLM's `PixtralForConditionalGeneration` reads."""
+    config = model.config
+    vision, text = config.vision_config, config.text_config
+    if config.vision_feature_layer != -1 or config.multimodal_projector_bias:
+        raise ValueError("Mistral's native layout takes the last ViT layer and a projector without bias")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = language_model_tensors(state, "model.language_model.", text)
+    tensors["output.weight"] = state["lm_head.weight"]
+    for name, w in state.items():
+        if name.startswith("model.vision_tower."):
+            rest = name[len("model.vision_tower."):]
+            if rest.startswith("transformer.layers."):
+                _, _, index, module = rest.split(".", 3)
+                module, kind = module.rsplit(".", 1)
+                if module in ("attention.q_proj", "attention.k_proj"):
+                    w = to_meta_rope(w, vision.num_attention_heads)  # the ViT's 2-D RoPE: complex pairs in vLLM
+                rest = f"transformer.layers.{index}.{_VIT_LAYER[module]}.{kind}"
+            tensors[f"vision_encoder.{rest}"] = w
+    projector = "model.multi_modal_projector."
+    tensors["pre_mm_projector_norm.weight"] = state[f"{projector}norm.weight"]
+    tensors["patch_merger.merging_layer.weight"] = state[f"{projector}patch_merger.merging_layer.weight"]
+    tensors["vision_language_adapter.w_in.weight"] = state[f"{projector}linear_1.weight"]
+    tensors["vision_language_adapter.w_out.weight"] = state[f"{projector}linear_2.weight"]
+    params = text_params(text, max_context)
+    params["vision_encoder"] = {
+        "hidden_size": vision.hidden_size, "num_channels": vision.num_channels, "image_size": vision.image_size,
+        "patch_size": vision.patch_size, "intermediate_size": vision.intermediate_size,
+        "num_hidden_layers": vision.num_hidden_layers, "num_attention_heads": vision.num_attention_heads,
+        "rope_theta": float(vision.rope_parameters["rope_theta"]), "image_token_id": config.image_token_index,
+        "image_break_token_id": 12, "image_end_token_id": 13, "spatial_merge_size": config.spatial_merge_size,
+        "adapter_bias": False, "add_pre_mm_projector_layer_norm": True, "mm_projector_id": "patch_merge",
+    }
+    return params, tensors
+
+
 def write_native(model: Any, out: Path, max_context: int) -> None:
     """Write params.json + consolidated.safetensors for `model` into `out` (inside an atomic_directory)."""
     from safetensors.torch import save_file
@@ -137,6 +187,8 @@ def write_native(model: Any, out: Path, max_context: int) -> None:
     kind = type(model).__name__
     if kind == "VoxtralForConditionalGeneration":
         params, tensors = voxtral_native(model, max_context)
+    elif kind == "Mistral3ForConditionalGeneration":
+        params, tensors = pixtral_native(model, max_context)
     else:
         raise ValueError(f"no Mistral-native writer for {kind}")
     save_file(tensors, str(out / WEIGHTS_FILE))

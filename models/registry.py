@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Family = Literal["llama", "mistral", "ministral3", "voxtral"]
+Family = Literal["llama", "mistral", "ministral3", "voxtral", "mistral3"]
 Modality = Literal["audio", "image"]
 # What each family takes besides text (its checkpoint also holds Mistral's native files: models/mistral_format.py).
-FAMILY_MEDIA: dict[str, tuple[Modality, ...]] = {"voxtral": ("audio",)}
+FAMILY_MEDIA: dict[str, tuple[Modality, ...]] = {"voxtral": ("audio",), "mistral3": ("image",)}
 ChatFormat = Literal["hf", "mistral"]  # hf: the tokenizer's jinja template; mistral: mistral_common
 ToolFormat = Literal["hermes", "mistral", "mistral-v11"]
 ReasoningFormat = Literal["think-tags", "mistral-think"]
@@ -98,6 +98,18 @@ REGISTRY: dict[str, ModelSpec] = {
             max_context=2048,
             description="random Voxtral (Whisper-style encoder, 4x adapter, Mistral decoder), Tekken v7 tokenizer with "
                         "an audio section; Mistral-native files for vLLM beside the HF ones; tests only",
+        ),
+        ModelSpec(
+            name="tiny-ministral3-vision",
+            family="mistral3",
+            source="tiny",
+            chat_format="mistral",
+            tool_format="mistral-v11",
+            dtype="float32",
+            max_context=2048,
+            description="random Mistral 3 with vision (Pixtral ViT, RMSNorm + 2x2 patch merger + MLP projector, "
+                        "Mistral decoder), Tekken v13 tokenizer with an image section; Mistral-native files for vLLM "
+                        "beside the HF ones; tests only",
         ),
         ModelSpec(
             name="tiny-ministral3",

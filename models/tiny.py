@@ -99,6 +99,8 @@ def build_tiny_model(family: str, max_context: int, seed: int = 0):
         return Ministral3ForCausalLM(config)
     if family == "voxtral":
         return build_tiny_voxtral(max_context)
+    if family == "mistral3":
+        return build_tiny_vision(max_context)
     raise ValueError(f"no tiny builder for family {family!r}")
 
 
@@ -122,6 +124,28 @@ def build_tiny_voxtral(max_context: int):
     return model
 
 
+# Pixtral-style images: 8-pixel patches, images up to 64 px a side, 2x2 patches merged into one token (a 64x64 image:
+# 4 rows of 4 [IMG], each row closed by [IMG_BREAK], the last by [IMG_END]).
+IMAGE_SECTION = {"image_patch_size": 8, "max_image_size": 64, "spatial_merge_size": 2}
+
+
+def build_tiny_vision(max_context: int):
+    """Ministral 3's vision shape, tiny: a Pixtral ViT (2-D RoPE), RMSNorm + 2x2 patch merger + GELU MLP projector,
+    a Mistral decoder (not tied: vLLM's Pixtral loads a separate output matrix)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = {k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}
+    config = Mistral3Config(
+        vision_config={"model_type": "pixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "num_channels": 3, "image_size": IMAGE_SECTION["max_image_size"],
+                       "patch_size": IMAGE_SECTION["image_patch_size"], "rope_parameters": {"rope_theta": 10000.0}},
+        text_config={"model_type": "mistral", **text, "max_position_embeddings": max_context, "sliding_window": None,
+                     "rope_theta": 1e6, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+        image_token_index=10, spatial_merge_size=IMAGE_SECTION["spatial_merge_size"],
+        multimodal_projector_bias=False, vision_feature_layer=-1, tie_word_embeddings=False)
+    return Mistral3ForConditionalGeneration(config)
+
+
 def prepare_tiny(spec: ModelSpec, force: bool = False) -> Path:
     out = spec.checkpoint_dir
     if is_prepared(out, RECIPE) and not force:
@@ -134,6 +158,9 @@ def prepare_tiny(spec: ModelSpec, force: bool = False) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         if spec.family == "voxtral":
             write_tekken(tmp / "tekken.json", "v7", audio=AUDIO_SECTION)
+            write_native(model, tmp, spec.max_context)
+        elif spec.family == "mistral3":
+            write_tekken(tmp / "tekken.json", "v13", image=IMAGE_SECTION)
             write_native(model, tmp, spec.max_context)
         else:
             write_tekken(tmp / "tekken.json", "v13" if spec.reasoning_format == "mistral-think" else "v3")

@@ -113,6 +113,13 @@ def resolve_engine(engine: str, adapters: bool = False, media: tuple[str, ...] =
 def prepare_engine(config: ServerConfig) -> Engine:
     spec = resolve_model(config.model, config.allow_pickle)
     config = dataclasses.replace(config, engine=resolve_engine(config.engine, bool(config.lora), spec.media))
+    if "image" in spec.media:
+        from serve.torchvision_shim import ShimError, activate
+
+        try:
+            activate()  # before vLLM imports its Pixtral code (and the engine processes inherit it)
+        except ShimError as e:
+            raise StartupError(str(e)) from None
     overrides = {k: getattr(config, k) for k in ("tool_format", "reasoning_format") if getattr(config, k)}
     spec = dataclasses.replace(spec, **overrides)
     drafter = None

@@ -195,6 +195,22 @@ def voxtral_server(tiny_voxtral: ModelSpec, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="session")
+def tiny_vision() -> ModelSpec:
+    spec = get_model("tiny-ministral3-vision")
+    prepare(spec)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def vision_server(tiny_vision: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Tiny Mistral 3 with vision on vLLM (Pixtral from Mistral-native files, torchvision's Python half)."""
+    s = start(tiny_vision, tmp_path_factory.mktemp("vision"), "--max-model-len", "1024", "--enforce-eager",
+              "--limit-mm-per-prompt", "image=2", "--max-image-pixels", "250000", engine="auto")
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
 def ministral_llamacpp_server(tiny_ministral3: ModelSpec, tmp_path_factory: pytest.TempPathFactory
                               ) -> Iterator[RunningServer]:
     """tiny-ministral3 on llama.cpp (`mistral3` GGUF: YaRN rope, [THINK] kept as a special token in the text)."""
