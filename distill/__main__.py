@@ -79,7 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from distill.answers import AnswerSettings, EndpointError, answer_with_teacher, write_answers
-    from distill.cascade import RecipeError, load_recipe, parent_chain, parse_count, plan_recipe, run_recipe
+    from distill.cascade import (
+        RecipeError,
+        describe_plan,
+        load_recipe,
+        parent_chain,
+        parse_count,
+        plan_recipe,
+        run_recipe,
+    )
     from distill.common import close_distributed, init_distributed, is_rank0
     from distill.config import TrainConfig, validation_problems
     from distill.corpus import answers_file, prepare_sources
@@ -144,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 for made in parent_chain(recipe):
                     print(f"# first: {made.name} ({made.train.objective}, from {made.model})")
                 _, plans = plan_recipe(recipe)
-                print(f"cascade {recipe.name}: parent {recipe.parent}: {plans[0].source.describe()}")
-                for i, p in enumerate(plans, 1):
-                    print(f"  stage {i} {p.stage.name}: {p.target.describe()}, {p.stage.tokens:,} tokens"
-                          + (f"; then post-trained by {Path(p.stage.posttrain).name}" if p.stage.posttrain else ""))
+                print("\n".join(describe_plan(recipe, recipe.parent, plans)))
                 return 0
             init_distributed()
             run_recipe(recipe, args.runs)

@@ -26,10 +26,14 @@ STATS_FILE = "importance.safetensors"
 
 
 @torch.no_grad()
-def collect_importance(model: PreTrainedModel, batches: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Run `batches` [n_batches, batch, seq] through `model` and return the statistics above."""
+def collect_importance(model: PreTrainedModel, batches: torch.Tensor | list[torch.Tensor], progress: bool = True,
+                       media: list[torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+    """Run `batches` [n_batches, batch, seq] (or a list of [batch, seq_i]) through `model` and return the statistics
+    above. An audio/vision
+    model (distill/media_lm.py) takes each batch's encoder features from `media`."""
     config = model.config
-    layers = model.model.layers
+    decoder = getattr(model.model, "language_model", model.model)  # MediaLM: projector + decoder
+    layers = decoder.layers
     n_layers, heads = config.num_hidden_layers, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     d, ffn = config.hidden_size, config.intermediate_size
@@ -86,18 +90,19 @@ def collect_importance(model: PreTrainedModel, batches: torch.Tensor, progress: 
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(heads_in(i)))
         hooks.append(layer.input_layernorm.register_forward_pre_hook(norm_in))
         hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(norm_in))
-    hooks.append(model.model.norm.register_forward_pre_hook(norm_in))
+    hooks.append(decoder.norm.register_forward_pre_hook(norm_in))
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-            model.model(input_ids=batch)
+        for i, batch in enumerate(tqdm(batches, desc="calibrate", unit="batch", disable=not progress)):
+            extra = {"media": media[i]} if media is not None and media[i] is not None else {}
+            model.model(input_ids=batch, **extra)
             tokens += batch.numel()
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    sequences = batches.shape[0] * batches.shape[1]
+    sequences = sum(len(batch) for batch in batches)
     for key in ("layer_norm_ratio", "block_importance", "ffn_mean_abs", "head_norm"):
         acc[key] /= tokens
     acc["ffn_l2_mean"] = acc["ffn_l2_mean"].sqrt()

@@ -17,19 +17,29 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from distill.calibrate import STATS_FILE, collect_importance, load_importance, save_importance
 from distill.common import barrier, is_rank0
 from distill.components.lr_scheduler import OptimConfig
 from distill.components.metrics import read_metrics
-from distill.config import RESUMABLE_FIELDS, TrainConfig, TrainSettings, read_yaml, same_settings, validation_problems
+from distill.config import (
+    RESUMABLE_FIELDS,
+    TrainConfig,
+    TrainSettings,
+    data_format,
+    read_yaml,
+    same_settings,
+    validation_problems,
+)
 from distill.corpus import prepare_sources
-from distill.data import DataConfig, build_tokens
-from distill.model_io import load_config, load_model, model_from_state, plain_state, save_model
+from distill.data import DataConfig, build_tokens, load_splits
+from distill.media_data import MediaDataConfig
+from distill.media_lm import MediaLM, describe_encoder, encoder_params_of, is_media_config, join, split
+from distill.model_io import decoder_config, load_config, load_model, model_from_state, plain_state, save_model
 from distill.plan import (
     Architecture,
     Axis,
@@ -37,14 +47,16 @@ from distill.plan import (
     LayerScore,
     PlanError,
     TiedEmbeddings,
+    hidden_rotation,
     plan_architecture,
     prune_to,
 )
 from distill.train import Trainer
 from models.checkpoint import is_prepared, weights_state
-from models.registry import REGISTRY, ModelSpec, cascade_home, get_model, register_model
+from models.registry import FAMILY_MEDIA, REGISTRY, ModelSpec, cascade_home, get_model, register_model
 
 log = logging.getLogger(__name__)
+FAMILIES = ("llama", "mistral", "ministral3", *FAMILY_MEDIA)  # what a registered student's model_type may be
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*$")
 
 
@@ -105,7 +117,8 @@ class Recipe(BaseModel):
     after: str | None = Field(None, description="a post-training recipe (path relative to this recipe's folder) "
                               "whose result is the parent, run first (a no-op once done): e.g. the reasoning "
                               "variant made from the bundled model, then distilled down")
-    data: DataConfig
+    data: Annotated[Annotated[DataConfig, Tag("text")] | Annotated[MediaDataConfig, Tag("media")],
+                    Discriminator(data_format)]
     calibration_sequences: int = Field(32, ge=1)
     layer_score: LayerScore = "block_importance"
     ffn_score: FfnScore = "ffn_mean_abs"
@@ -116,7 +129,8 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _answers_teacher(self) -> Recipe:
         """Teacher-written data comes from the root parent unless a source names another model."""
-        self.data.default_answers_teacher(self.parent)
+        if isinstance(self.data, DataConfig):
+            self.data.default_answers_teacher(self.parent)
         return self
 
 
@@ -167,6 +181,19 @@ class StagePlan:
     stage: Stage
     source: Architecture
     target: Architecture
+    encoder: str | None = None  # an audio/vision parent's encoder, copied into every stage unchanged
+
+
+def describe_plan(recipe: Recipe, parent: str, plans: list[StagePlan]) -> list[str]:
+    """What `--dry-run` prints and a run logs first: the parent, then each stage's decoder."""
+    lines = [f"cascade {recipe.name}: parent {parent}: {plans[0].source.describe()}"]
+    if plans[0].encoder:
+        lines.append(f"  {plans[0].encoder}; projector kept and retrained in every stage; only the decoder is pruned")
+    for i, plan in enumerate(plans, 1):
+        lines.append(f"  stage {i} {plan.stage.name}: {plan.target.describe()}, {plan.stage.tokens:,} tokens, "
+                     f"teacher {plan.stage.teacher}"
+                     + (f"; then post-trained by {Path(plan.stage.posttrain).name}" if plan.stage.posttrain else ""))
+    return lines
 
 
 def plan_recipe(recipe: Recipe) -> tuple[ModelSpec, list[StagePlan]]:
@@ -192,7 +219,13 @@ def plan_recipe(recipe: Recipe) -> tuple[ModelSpec, list[StagePlan]]:
     from models.prepare import prepare
 
     parent_dir = prepare(parent)
-    arch = Architecture.of(load_config(parent_dir))
+    config = load_config(parent_dir, weights=parent.source != "config")
+    arch = Architecture.of(decoder_config(config))
+    encoder = None
+    if is_media_config(config):
+        encoder = describe_encoder(config, encoder_params_of(config))
+    if isinstance(recipe.data, MediaDataConfig) and encoder is None:
+        raise RecipeError(f"data.format media needs an audio or vision parent; {parent.name} is a text model")
     plans = []
     for i, stage in enumerate(recipe.stages):
         if stage.target.params is None and not stage.target.dims:
@@ -202,7 +235,7 @@ def plan_recipe(recipe: Recipe) -> tuple[ModelSpec, list[StagePlan]]:
                                        stage.target.tied_embeddings)
         except PlanError as e:
             raise RecipeError(f"stage {i + 1} ({stage.name}): {e}") from e
-        plans.append(StagePlan(stage, arch, target))
+        plans.append(StagePlan(stage, arch, target, encoder))
         arch = target
     return parent, plans
 
@@ -213,14 +246,13 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
     for made in parent_chain(recipe):  # the parent first, when a post-training recipe makes it
         run_posttrain(made)
     parent_spec, plans = plan_recipe(recipe)
+    if parent_spec.source == "config":
+        raise RecipeError(f"{parent_spec.name} is a config-only entry (no weights offline): `--dry-run` plans it; "
+                          "running needs the checkpoint (register a local copy)")
     parent_dir = parent_spec.checkpoint_dir
     runs = runs or cascade_home() / "runs" / recipe.name
     if is_rank0():
-        print(f"cascade {recipe.name}: parent {parent_spec.name}: {plans[0].source.describe()}")
-        for i, plan in enumerate(plans, 1):
-            print(f"  stage {i} {plan.stage.name}: {plan.target.describe()}, {plan.stage.tokens:,} tokens, "
-                  f"teacher {plan.stage.teacher}"
-                  + (f"; then post-trained by {Path(plan.stage.posttrain).name}" if plan.stage.posttrain else ""))
+        print("\n".join(describe_plan(recipe, parent_spec.name, plans)))
         prepare_sources(recipe.data, progress)  # the teacher's answers, once, before any stage needs them
     barrier()
     results = []
@@ -263,6 +295,9 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
             "tokens_seen": trainer.step * trainer.tokens_per_step, "planned_tokens": stage.tokens,
             "data": recipe.data.model_dump(),
             "loss": recipe.train.loss.model_dump(), "pruned_only": metrics[0] if metrics else {}, "final": final,
+            **({"encoder": {"kept": plan.encoder, "weights": "copied from the parent, frozen"},
+                "projector": "kept, rotated with the residual stream when the hidden size was cut, trained with "
+                             "the decoder"} if plan.encoder else {}),
             "train_seconds": round(trainer.elapsed, 1), "start": pruned_stamp, "train_config": _settings(train),
         }
         trainer.export(student_dir, card)
@@ -271,7 +306,7 @@ def run_recipe(recipe: Recipe, runs: Path | None = None, progress: bool = True) 
             family = load_config(student_dir).model_type
             register_model(dataclasses.replace(
                 parent_spec, name=stage.name, source="local", path=student_dir,
-                family=family if family in ("llama", "mistral", "ministral3") else parent_spec.family,
+                family=family if family in FAMILIES else parent_spec.family,
                 description=f"cascade {recipe.name} stage {i}: {plan.target.params / 1e6:.1f}M params distilled "
                             f"from {parent_spec.name}" + (" (a drafter)" if stage.drafter else ""),
                 draft_for=parent_spec.name if stage.drafter else None,
@@ -349,10 +384,19 @@ def pruned_start(recipe: Recipe, work: Path) -> tuple[Path, Path]:
 
 
 def calibrate(model_dir: Path, recipe: Recipe, out: Path, progress: bool = True, marker: str = "importance") -> Path:
-    """Importance statistics of `model_dir` over the first calibration sequences of the training split."""
+    """Importance statistics of `model_dir` over the first calibration sequences of the training split (with
+    media data, the sequences with their media in context: the stream carries the projected features too)."""
+    model = load_model(model_dir)
+    if isinstance(recipe.data, MediaDataConfig):
+        rows = load_splits(recipe.data, recipe.parent)[0]  # the root parent's encoder made the features
+        n = min(recipe.calibration_sequences, len(rows))
+        batches = [rows.batch(torch.tensor([r]), torch.device("cpu")) for r in range(n)]
+        lengths = [int((b.ids[0] != 0).nonzero().max()) + 1 for b in batches]  # rows are padded with id 0
+        stats = collect_importance(model, [b.ids[:, :length] for b, length in zip(batches, lengths, strict=True)],
+                                   progress=progress, media=[b.media for b in batches])
+        return save_importance(stats, out, {"model": str(model_dir), "sequences": str(n)}, marker)
     rows = build_tokens(recipe.data, model_dir)["train"][: recipe.calibration_sequences]
     batches = rows.view(-1, 1, rows.shape[1]) if len(rows) % 4 else rows.view(-1, 4, rows.shape[1])
-    model = load_model(model_dir)
     stats = collect_importance(model, batches, progress=progress)
     return save_importance(stats, out, {"model": str(model_dir), "sequences": str(len(rows))}, marker)
 
@@ -360,6 +404,14 @@ def calibrate(model_dir: Path, recipe: Recipe, out: Path, progress: bool = True,
 def prune_checkpoint(source_dir: Path, stats: dict[str, torch.Tensor], target: Architecture, recipe: Recipe,
                      out: Path, marker: str = "pruned") -> Path:
     model = load_model(source_dir)
+    if isinstance(model, MediaLM):  # the decoder is pruned; encoder and projector are carried over (media_lm.join)
+        full = model.full_model()
+        lm_config, lm_state, rest = split(full)
+        config, state = prune_to(lm_config, lm_state, stats, target, recipe.layer_score, recipe.ffn_score)
+        rotation = hidden_rotation(stats, Architecture.of(lm_config), target)
+        child = MediaLM(join(full.config, config, state, rest, rotation))
+        log.info("pruned %s -> %s", source_dir, Architecture.of(child.config).describe())
+        return save_model(child, out, source_dir, recipe=marker)
     config, state = prune_to(model.config, plain_state(model), stats, target, recipe.layer_score, recipe.ffn_score)
     child = model_from_state(config, state)
     log.info("pruned %s -> %s", source_dir, Architecture.of(child.config).describe())

@@ -19,6 +19,7 @@ from distill.components.lr_scheduler import OptimConfig
 from distill.components.rollouts import OnPolicyConfig
 from distill.data import DataConfig
 from distill.losses import LossConfig
+from distill.media_data import MediaDataConfig
 from distill.pair_data import PairDataConfig
 from distill.rl.rewards import RewardTerm
 
@@ -26,7 +27,7 @@ from distill.rl.rewards import RewardTerm
 def data_format(value: Any) -> str:
     """Which data config a `data:` section is: chat data says so, text data may (it is the default)."""
     found = value.get("format", "text") if isinstance(value, dict) else getattr(value, "format", "text")
-    return found if found in ("text", "chat", "pairs") else "text"  # an unknown format fails in DataConfig, named
+    return found if found in ("text", "chat", "pairs", "media") else "text"  # an unknown one fails in DataConfig
 
 
 FUSED_MIN_VOCAB = 65536  # Mistral's 131k Tekken vocabulary: where [tokens x vocab] logits dominate memory
@@ -210,7 +211,8 @@ class TrainConfig(TrainSettings):
     eval_teacher: str | None = Field(None, description="teacher for KL-to-teacher in evaluation (default: teacher)")
     out_dir: str
     data: Annotated[Annotated[DataConfig, Tag("text")] | Annotated[ChatDataConfig, Tag("chat")]
-                    | Annotated[PairDataConfig, Tag("pairs")], Discriminator(data_format)]
+                    | Annotated[PairDataConfig, Tag("pairs")] | Annotated[MediaDataConfig, Tag("media")],
+                    Discriminator(data_format)]
     tokens: int = Field(gt=0, description="token budget; steps = tokens / tokens per step, rounded up")
     random_init: bool = Field(False, description="re-initialise the student's weights (the from-scratch baseline)")
     seed: int = 0
@@ -227,6 +229,13 @@ class TrainConfig(TrainSettings):
         """Teacher-written data comes from this run's teacher unless a source names another model."""
         if isinstance(self.data, DataConfig):
             self.data.default_answers_teacher(self.teacher)
+        return self
+
+    @model_validator(mode="after")
+    def _media(self) -> TrainConfig:
+        if self.data.format == "media" and (self.objective != "kd" or self.teacher_top_k is not None):
+            raise ValueError("media data (audio or images) trains with objective kd and a live teacher (or none: "
+                             "cross-entropy on data.train_on)")
         return self
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ from models.tokenizers import ChatTemplateError, load_tokenizer
 if TYPE_CHECKING:
     from distill.chat_data import ChatDataConfig
     from distill.corpus import NgramIndex
+    from distill.media_data import MediaDataConfig
     from distill.pair_data import PairDataConfig
 
 log = logging.getLogger(__name__)
@@ -376,6 +377,7 @@ class Batch:
     labels: torch.Tensor | None = None  # [B*(T-1)] next tokens, IGNORE_INDEX where not trained (None: all train)
     positions: torch.Tensor | None = None  # [B, T] restarting at each packed conversation (None: 0..T-1)
     preference: torch.Tensor | None = None  # [B] pairs only: P(chosen is better), 1 for a hard label
+    media: torch.Tensor | None = None  # [placeholders in the batch, F]: the frozen encoder's features, row-major
 
 
 @dataclass
@@ -387,6 +389,8 @@ class TokenRows:
     targets: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     p: torch.Tensor | None = None
+    features: torch.Tensor | None = None  # media data: encoder features [M, F] of all rows, row r's at
+    offsets: torch.Tensor | None = None  # offsets[r]:offsets[r + 1] (distill/media_data.py)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -402,7 +406,10 @@ class TokenRows:
             labels = ids[:, 1:].masked_fill(~targets[:, 1:], IGNORE_INDEX).reshape(-1)
         if self.positions is not None:
             positions = self.positions[rows].to(on)
-        return Batch(rows, ids, labels, positions, self.p[rows].to(on) if self.p is not None else None)
+        media = None
+        if self.features is not None and self.offsets is not None:
+            media = torch.cat([self.features[self.offsets[r]:self.offsets[r + 1]] for r in rows.tolist()]).to(on)
+        return Batch(rows, ids, labels, positions, self.p[rows].to(on) if self.p is not None else None, media)
 
     def padded(self, multiple: int) -> TokenRows:
         """Rows added (nothing in them trains) up to a multiple of `multiple`: every rank evaluates as many."""
@@ -412,6 +419,9 @@ class TokenRows:
         if self.targets is None:
             raise ValueError(f"{len(self)} rows of text do not divide among {multiple} processes")
         first = (extra, *self.ids.shape[1:])
+        if self.features is not None:
+            raise ValueError(f"{len(self)} media rows do not divide among {multiple} processes: set "
+                             "data.val_sequences to a multiple of it")
         return TokenRows(torch.cat([self.ids, self.ids[:1].expand(first)]),
                          torch.cat([self.targets, self.targets.new_zeros(first)]),
                          torch.cat([self.positions, self.positions[:1].expand(first)])
@@ -419,7 +429,7 @@ class TokenRows:
                          torch.cat([self.p, self.p.new_full((extra,), 0.5)]) if self.p is not None else None)
 
 
-def load_splits(config: DataConfig | ChatDataConfig | PairDataConfig, model: str | Path
+def load_splits(config: DataConfig | ChatDataConfig | PairDataConfig | MediaDataConfig, model: str | Path
                 ) -> tuple[TokenRows, TokenRows]:
     """(train, validation) rows of text, chat data or preference pairs, built and cached on first use."""
     if config.format == "pairs":
@@ -428,6 +438,12 @@ def load_splits(config: DataConfig | ChatDataConfig | PairDataConfig, model: str
         shards = build_pair_tokens(config, model)
         return (TokenRows(shards["train"], shards["train_targets"], p=shards["train_p"]),
                 TokenRows(shards["val"], shards["val_targets"], p=shards["val_p"]))
+    if config.format == "media":
+        from distill.media_data import build_media_tokens
+
+        shards = build_media_tokens(config, model)
+        return tuple(TokenRows(shards[s].long(), shards[f"{s}_targets"], features=shards[f"{s}_features"],  # type: ignore[return-value]
+                               offsets=shards[f"{s}_offsets"]) for s in ("train", "val"))
     if config.format == "chat":
         from distill.chat_data import build_chat_tokens
 

@@ -19,15 +19,16 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tekken.json",
     "tokenizer.model", "generation_config.json",
 )
-SUPPORTED_TYPES = ("llama", "mistral", "ministral3", "qwen2")
+SUPPORTED_TYPES = ("llama", "mistral", "ministral3", "qwen2", "voxtral", "mistral3")  # the last two: with media
 
 
 class UnsupportedModelError(ValueError):
     pass
 
 
-def load_config(path: Path) -> PretrainedConfig:
-    config = AutoConfig.from_pretrained(check_checkpoint(path))
+def load_config(path: Path, weights: bool = True) -> PretrainedConfig:
+    """The checkpoint's config (`weights=False`: a config-only entry, enough to plan a cascade)."""
+    config = AutoConfig.from_pretrained(check_checkpoint(path) if weights else path)
     if config.model_type not in SUPPORTED_TYPES:
         raise UnsupportedModelError(
             f"{path}: model_type {config.model_type!r} is not a supported decoder ({', '.join(SUPPORTED_TYPES)})"
@@ -35,8 +36,19 @@ def load_config(path: Path) -> PretrainedConfig:
     return config
 
 
+def decoder_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config of what the cascade prunes: the decoder (an audio/vision model's text_config)."""
+    return getattr(config, "text_config", None) or config
+
+
 def load_model(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    load_config(path)  # refuses unsupported architectures before reading weights
+    """The causal LM; for an audio or vision model its projector and decoder (distill/media_lm.py), which take
+    the frozen encoder's features as `media`."""
+    config = load_config(path)  # refuses unsupported architectures before reading weights
+    if config.model_type in ("voxtral", "mistral3"):
+        from distill.media_lm import MediaLM, load_full
+
+        return MediaLM(load_full(check_checkpoint(path), dtype))  # type: ignore[return-value]
     model = AutoModelForCausalLM.from_pretrained(check_checkpoint(path), dtype=dtype)
     model.config.use_cache = False
     return model
@@ -86,9 +98,12 @@ def save_model(model: PreTrainedModel, out: Path, tokenizer_from: Path, extra_fi
     """Write config + safetensors + the parent's tokenizer files into `out`, atomically (`also` writes more into
     the directory before it appears, e.g. a LoRA adapter)."""
     with atomic_directory(out, recipe) as tmp:
-        model.config.use_cache = True
-        model.save_pretrained(tmp, safe_serialization=True)
-        model.config.use_cache = False
+        if hasattr(model, "full_model"):  # an audio/vision model: the whole checkpoint, HF and Mistral-native files
+            model.save(tmp)  # type: ignore[operator]
+        else:
+            model.config.use_cache = True
+            model.save_pretrained(tmp, safe_serialization=True)
+            model.config.use_cache = False
         copy_tokenizer(tokenizer_from, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

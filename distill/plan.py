@@ -146,7 +146,15 @@ def prune_to(config: PretrainedConfig, state: StateDict, stats: dict[str, torch.
     if target.intermediate_size < parent.intermediate_size:
         keep = [row.topk(target.intermediate_size).indices for row in stats[ffn_score][keep_layers]]
         config, state = slice_ffn(config, state, keep)
-    if target.hidden_size < parent.hidden_size:
-        rotation = pca_rotation(stats["hidden_second_moment"], target.hidden_size)
+    rotation = hidden_rotation(stats, parent, target)
+    if rotation is not None:
         config, state = rotate_hidden(config, state, rotation, untie=not target.tie_word_embeddings)
     return config, state
+
+
+def hidden_rotation(stats: dict[str, torch.Tensor], parent: Architecture, target: Architecture
+                    ) -> torch.Tensor | None:
+    """The PCA rotation [d, d'] a hidden-size cut applies to the residual stream (None: no cut)."""
+    if target.hidden_size >= parent.hidden_size:
+        return None
+    return pca_rotation(stats["hidden_second_moment"], target.hidden_size)

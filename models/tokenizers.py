@@ -147,6 +147,18 @@ class MistralChatTokenizer:
         encoded = self._encoded(self.mistral, messages, tools, template_kwargs)
         return list(encoded.tokens), [a.audio_array for a in encoded.audios], list(encoded.images)
 
+    def encode_conversation_media(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                                  template_kwargs: dict[str, Any] | None = None
+                                  ) -> tuple[list[int], list[Any], list[Any]]:
+        """A finished conversation with media, as training data: (ids closed by EOS, audio arrays, images)."""
+        from mistral_common.protocol.instruct.validator import ValidationMode
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        if self._finetuning is None:
+            self._finetuning = MistralTokenizer.from_file(self._file, mode=ValidationMode.finetuning)
+        encoded = self._encoded(self._finetuning, messages, tools, template_kwargs)
+        return list(encoded.tokens), [a.audio_array for a in encoded.audios], list(encoded.images)
+
     def audio_rate(self) -> int | None:
         """The sampling rate audio is resampled to, or None for a tokenizer without an audio section."""
         config = self.raw.audio

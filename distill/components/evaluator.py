@@ -58,8 +58,8 @@ class Evaluator:
             # chat data: only the assistant's tokens count (text: all, without copying [N, V] logits to select them)
             live = (labels != IGNORE_INDEX) if batch.labels is not None else slice(None)
             with autocast(self.precision, self.device):
-                logits = student(batch.ids, positions=batch.positions).flatten(0, 1)[live]  # [n, V] fp32
-                t_logits = (self.teacher.logits(batch.ids, batch.positions).flatten(0, 1)[live]
+                logits = student(batch.ids, positions=batch.positions, media=batch.media).flatten(0, 1)[live]
+                t_logits = (self.teacher.logits(batch.ids, batch.positions, batch.media).flatten(0, 1)[live]
                             if self.teacher is not None else None)
             sums[0] += torch.nn.functional.cross_entropy(logits, labels[live], reduction="sum")
             if t_logits is not None:

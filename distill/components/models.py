@@ -26,14 +26,22 @@ class Student(nn.Module):
         self.lm = lm
 
     def forward(self, ids: torch.Tensor, head_loss: HeadLoss | None = None, positions: torch.Tensor | None = None,
-                **inputs: object):
+                media: torch.Tensor | None = None, **inputs: object):
         """`head_loss(hidden, head, ids, **inputs)` for training; without one, fp32 logits [B, T-1, V]. `positions`
-        [B, T] restart at each packed sequence (transformers then keeps attention within each)."""
-        hidden = self.lm.model(input_ids=ids, position_ids=positions).last_hidden_state[:, :-1]
+        [B, T] restart at each packed sequence (transformers then keeps attention within each); `media` are the
+        encoder features of an audio/vision model's placeholders (distill/media_lm.py)."""
+        hidden = decoder_hidden(self.lm, ids, positions, media)
         if head_loss is None:
             with torch.autocast(ids.device.type, enabled=False):
                 return hidden.float() @ self.lm.lm_head.weight.float().T
         return head_loss(hidden, self.lm.lm_head.weight, ids, **inputs)
+
+
+def decoder_hidden(lm: nn.Module, ids: torch.Tensor, positions: torch.Tensor | None,
+                   media: torch.Tensor | None) -> torch.Tensor:
+    """Final hidden states [B, T-1, d] at the positions that predict a next token."""
+    extra = {"media": media} if media is not None else {}
+    return lm.model(input_ids=ids, position_ids=positions, **extra).last_hidden_state[:, :-1]
 
 
 class Teacher(nn.Module):
@@ -44,13 +52,14 @@ class Teacher(nn.Module):
         self.lm = lm.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.lm.model(input_ids=ids, position_ids=positions).last_hidden_state[:, :-1]
-        return hidden, self.lm.lm_head.weight.detach()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None, media: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return decoder_hidden(self.lm, ids, positions, media), self.lm.lm_head.weight.detach()
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        hidden, head = self(ids, positions)
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor | None = None, media: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        hidden, head = self(ids, positions, media)
         with torch.autocast(ids.device.type, enabled=False):
             return hidden.float() @ head.float().T
 

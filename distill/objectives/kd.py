@@ -46,10 +46,11 @@ class Distillation:
         return f"kd ({source}; {'fused linear' if self.fused else 'chunked (checkpointed)'} loss)"
 
     def __call__(self, student: Student, batch: Batch, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        teacher_hidden, teacher_head = (self.teacher(batch.ids, batch.positions) if self.teacher is not None
-                                        else (None, None))
+        teacher_hidden, teacher_head = (self.teacher(batch.ids, batch.positions, batch.media)
+                                        if self.teacher is not None else (None, None))
         topk = tuple(t.to(self.device) for t in self.cache.lookup(batch.rows)) if self.cache is not None else None
-        return student(batch.ids, self._head_loss, positions=batch.positions, teacher_hidden=teacher_hidden,
+        return student(batch.ids, self._head_loss, positions=batch.positions, media=batch.media,
+                       teacher_hidden=teacher_hidden,
                        teacher_head=teacher_head, teacher_topk=topk, labels=batch.labels)
 
     def close(self) -> None:
