@@ -218,7 +218,7 @@ def plan_recipe(recipe: Recipe) -> tuple[ModelSpec, list[StagePlan]]:
             raise RecipeError(f"data: no files match {', '.join(missing)}")
     from models.prepare import prepare
 
-    parent_dir = prepare(parent)
+    parent_dir = parent.checkpoint_dir if parent.source == "config" else prepare(parent)
     config = load_config(parent_dir, weights=parent.source != "config")
     arch = Architecture.of(decoder_config(config))
     encoder = None

@@ -168,6 +168,9 @@ class TrainSettings(BaseModel):
         "auto", description="the fused linear distillation loss (kernels/distill_loss.py: gradients made chunk by "
                             "chunk in the forward, no recomputed logits; Triton on GPU, torch rows on CPU); auto: on "
                             f"for vocabularies of >= {FUSED_MIN_VOCAB} entries with a live teacher")
+    train_only: Literal["all", "projector"] = Field(
+        "all", description="projector: an audio/vision model's projector trains and its decoder stays frozen (the "
+                           "adapter stage of a Voxtral-style model: distill/speech/)")
     attention: Literal["sdpa", "cascade"] = Field(
         "sdpa", description="cascade: our Triton attention (kernels/attention.py) for student and teacher; needs a "
                             "CUDA GPU, or TRITON_INTERPRET=1 on CPU (correct but very slow)")

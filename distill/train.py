@@ -62,6 +62,11 @@ class Trainer:
         lm = set_attention(load_model(Path(config.student)).to(self.device), config.attention, self.device)
         if config.random_init:
             reinitialise(lm, config.seed)
+        if config.train_only == "projector":
+            if not hasattr(lm.model, "projector"):
+                raise ValueError("train_only: projector needs an audio or vision model (it has a projector)")
+            for name, p in lm.named_parameters():
+                p.requires_grad_(name.startswith("model.projector."))
         self.adapter = add_adapters(lm, config.lora) if config.lora is not None else None  # lm changed in place
         if self.adapter is not None:
             log.info("LoRA rank %d: %d of %d parameters train", config.lora.rank, *trainable_share(lm))  # type: ignore[union-attr]

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "list":
         for spec in all_models().values():
-            state = "prepared" if is_complete(spec.checkpoint_dir) else "not prepared"
+            state = ("config only" if spec.source == "config" else
+                     "prepared" if is_complete(spec.checkpoint_dir) else "not prepared")
             print(f"{spec.name:24} {spec.family:11} {spec.dtype:9} ctx={spec.max_context:<6} {state:13} "
                   f"tools={spec.tool_format or '-':12} reasoning={spec.reasoning_format or '-':14} {spec.description}")
         return 0

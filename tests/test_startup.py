@@ -47,6 +47,7 @@ def test_missing_weights(tmp_path: Path) -> None:
     (("--draft-model", "tiny-mistral"), "a drafter must share its target's tokenizer"),
     (("--draft-model", "smollm2-135m-instruct"), "is the served model itself"),
     (("--model", "no-such-model"), "unknown model 'no-such-model'"),
+    (("--model", "voxtral-mini-3b"), "is a config-only entry"),
 ])
 def test_bad_configuration_is_one_line(smollm2: ModelSpec, tiny_mistral: ModelSpec, args: tuple[str, ...],
                                        needle: str) -> None:
