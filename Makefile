@@ -30,7 +30,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model gguf serve test lint bench-serve distill posttrain grpo chat-data corpus bench-distill distill-results bench-distill-speed bench-distill-trl bench-posttrain bench-grpo bench-kernels eval eval-report clean
+.PHONY: speech-demo install model gguf serve test lint bench-serve distill posttrain grpo chat-data corpus bench-distill distill-results bench-distill-speed bench-distill-trl bench-posttrain bench-grpo bench-kernels eval eval-report clean
 
 install: $(STAMP)
 
@@ -153,3 +153,9 @@ eval-report: model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The speech demo (docs/speech-demo.md): an audio encoder trained from scratch on espeak-ng/flite speech, Voxtral's
+# adapter, SmolLM2-135M as the decoder -> voxtral-smollm2-135m; then its WER (vs PocketSphinx) and its cascade.
+# Needs the Debian packages espeak-ng, flite and pocketsphinx-testdata. About an hour on 2 cores.
+speech-demo: $(STAMP)
+	$(PY) -m distill.speech --report

@@ -9,6 +9,7 @@ Sources:
                                   (`[INST][BEGIN_AUDIO][AUDIO]...[/INST]lang:en[TRANSCRIBE]` then the text)
   shapes   images drawn here (PIL): a coloured circle, square or triangle; "What shape is this?" -> "A red circle."
   tones    audio made here: one to four beeps; "How many beeps do you hear?" -> "Three."
+  speech   the speech demo's training transcriptions (`make speech-demo`, distill/speech/)
 
 One item per row, padded to `seq_len` (longer ones are refused: media cannot be cut). `train_on: text` trains on
 every text position (what distillation compares: the media stay in context, their placeholders are not predicted);
@@ -50,7 +51,7 @@ class MediaDataError(ValueError):
 
 class MediaSourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["files", "shapes", "tones"]
+    kind: Literal["files", "shapes", "tones", "speech"]
     paths: list[str] = Field(default_factory=list, description="kind=files: JSONL globs")
     items: int = Field(64, ge=1, le=1_000_000, description="kind=shapes|tones: how many to draw or make")
 
@@ -153,7 +154,15 @@ def source_items(source: MediaSourceConfig, seed: int) -> Iterator[Item]:
         return
     import glob
 
-    for pattern in source.paths:
+    patterns = source.paths
+    if source.kind == "speech":
+        from distill.speech.demo import work_dir
+
+        train = work_dir() / "data" / "train.jsonl"
+        if not train.is_file():
+            raise MediaDataError(f"{train} does not exist: `make speech-demo` (python -m distill.speech) makes it")
+        patterns = [str(train)]
+    for pattern in patterns:
         for file in sorted(glob.glob(pattern, recursive=True)):
             base = Path(file).parent
             for n, line in enumerate(Path(file).read_text().splitlines(), 1):

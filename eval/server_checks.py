@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -150,3 +151,162 @@ def run_checks(names: tuple[str, ...], base_url: str, model: str, api_key: str |
             out[name] = {"metrics": metrics, "n": len(scores), "samples": records}
             log.info("%s: %s", name, {m: round(v[0], 3) for m, v in metrics.items()})
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# audio and image checks (suites `audio` and `image`): media made here, deterministically, never seen in training
+# (other seeds than the training data's; held-out sentences and voices for speech)
+
+EVAL_SEED = 1000
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen")
+
+
+def says_number(answer: str, n: int) -> bool:
+    words = set(re.findall(r"[a-z]+|\d+", answer.lower()))
+    return str(n) in words or NUMBER_WORDS[n] in words
+
+
+def _media_cases(limit: int | None, default: int) -> int:
+    return default if limit is None else min(limit, default)
+
+
+def _beep_check(client: httpx.Client, model: str, limit: int | None) -> tuple[list, list]:
+    from distill.media_data import tone_item
+
+    cases = []
+    for i in range(_media_cases(limit, 24)):
+        messages, answer = tone_item(i, EVAL_SEED)
+        cases.append({"id": f"beeps-{i}", "expected": answer, "messages": messages,
+                      "count": NUMBER_WORDS.index(answer.rstrip(".").lower())})
+
+    def body(case: dict[str, Any]) -> dict[str, Any]:
+        return {"model": model, "messages": case["messages"], "max_tokens": 16, "temperature": 0}
+
+    return _ask_all(client, "beep count", cases, body,
+                    lambda case, message: {"count_acc": float(says_number(message.get("content") or "",
+                                                                           case["count"]))})
+
+
+def _shape_check(client: httpx.Client, model: str, limit: int | None) -> tuple[list, list]:
+    from distill.media_data import shape_item
+
+    cases = []
+    for i in range(_media_cases(limit, 24)):
+        messages, answer = shape_item(i, EVAL_SEED)
+        cases.append({"id": f"shape-{i}", "expected": answer, "messages": messages})
+
+    def score(case: dict[str, Any], message: dict[str, Any]) -> dict[str, float]:
+        _, colour, shape = case["expected"].rstrip(".").lower().split()
+        said = set(re.findall(r"[a-z]+", (message.get("content") or "").lower()))
+        return {"shape_acc": float(shape in said), "colour_acc": float(colour in said)}
+
+    def body(case: dict[str, Any]) -> dict[str, Any]:
+        return {"model": model, "messages": case["messages"], "max_tokens": 16, "temperature": 0}
+
+    return _ask_all(client, "shape questions", cases, body, score)
+
+
+def _digit_check(client: httpx.Client, model: str, limit: int | None) -> tuple[list, list]:
+    """scikit-learn's real handwritten digits (UCI optdigits), the last 10% (a fixed slice), scaled up 4x."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    start = len(digits.images) * 9 // 10
+    cases = []
+    for i in range(start, start + _media_cases(limit, 40)):
+        pixels = (255 - digits.images[i] * 255 / 16).astype(np.uint8)  # dark ink on white
+        buf = io.BytesIO()
+        Image.fromarray(pixels).resize((32, 32), Image.NEAREST).convert("RGB").save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        cases.append({"id": f"digit-{i}", "expected": str(int(digits.target[i])), "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What digit is this?"}]}]})
+
+    def body(case: dict[str, Any]) -> dict[str, Any]:
+        return {"model": model, "messages": case["messages"], "max_tokens": 8, "temperature": 0}
+
+    return _ask_all(client, "digit questions", cases, body,
+                    lambda case, message: {"digit_acc": float(says_number(message.get("content") or "",
+                                                                           int(case["expected"])))})
+
+
+def _speech_cases(kind: str, count: int) -> list[dict[str, Any]]:
+    """Spoken by espeak-ng and flite in the held-out voices (distill/speech/synth.py), as WAV bytes."""
+    import io
+
+    import numpy as np
+    import soundfile
+
+    from distill.speech import synth
+    from distill.speech.text import is_held_out, sentences
+
+    synth.check_tools()
+    voices = [v for v in synth.voices() if v.key in synth.HELD_OUT_VOICES]
+    if kind == "transcription":
+        texts = [s for s in sentences(3000, EVAL_SEED) if is_held_out(s)][:count]
+        expected = texts
+    else:
+        rng = np.random.default_rng(EVAL_SEED)
+        pairs = [(int(a), int(b)) for a, b in rng.integers(1, 10, (count, 2))]
+        texts = [f"what is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}" for a, b in pairs]
+        expected = [str(a + b) for a, b in pairs]
+    cases = []
+    for i, (text, answer) in enumerate(zip(texts, expected, strict=True)):
+        rng = np.random.default_rng([EVAL_SEED, i])
+        samples = synth.degrade(synth.speak(text, voices[i % len(voices)], rng), rng)
+        buf = io.BytesIO()
+        soundfile.write(buf, samples, synth.RATE, format="WAV")
+        cases.append({"id": f"{kind}-{i}", "expected": answer, "text": text, "wav": buf.getvalue()})
+    return cases
+
+
+def _transcription_check(client: httpx.Client, model: str, limit: int | None) -> tuple[list, list]:
+    from distill.speech.wer import error_rates
+
+    scores, records = [], []
+    for case in tqdm(_speech_cases("transcription", _media_cases(limit, 40)), desc="transcription", unit="clip"):
+        r = client.post("/v1/audio/transcriptions", data={"model": model, "language": "en"},
+                        files={"file": ("clip.wav", case["wav"])})
+        if r.status_code != 200:
+            raise RuntimeError(f"transcription request failed ({r.status_code}): {r.text[:300]}")
+        hyp = r.json()["text"]
+        rates = error_rates([case["expected"]], [hyp])
+        s = {"wer": rates["wer"], "cer": rates["cer"], "exact": float(rates["wer"] == 0)}
+        scores.append(s)
+        records.append({"id": case["id"], "expected": case["expected"], "message": {"content": hyp}, "scores": s})
+    return scores, records
+
+
+def _spoken_qa_check(client: httpx.Client, model: str, limit: int | None) -> tuple[list, list]:
+    import base64
+
+    cases = _speech_cases("spoken_qa", _media_cases(limit, 24))
+
+    def body(case: dict[str, Any]) -> dict[str, Any]:
+        audio = {"data": base64.b64encode(case["wav"]).decode(), "format": "wav"}
+        return {"model": model, "max_tokens": 16, "temperature": 0, "messages": [
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": audio},
+                                         {"type": "text", "text": "Answer the spoken question with a number."}]}]}
+
+    def clean(case: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in case.items() if k != "wav"}
+
+    scores, records = _ask_all(client, "spoken questions", cases, body,
+                               lambda case, message: {"answer_acc": float(says_number(message.get("content") or "",
+                                                                                        int(case["expected"])))})
+    return scores, [clean(r) for r in records]
+
+
+CHECKS |= {
+    "beep_count": _beep_check,
+    "shape_qa": _shape_check,
+    "digit_qa": _digit_check,
+    "transcription": _transcription_check,
+    "spoken_qa": _spoken_qa_check,
+}

@@ -37,6 +37,13 @@ SUITES: dict[str, Suite] = {
               server_checks=("tool_calls_required", "tool_calls_auto")),
         Suite("reasoning", "reasoning format through the server: thinking present and closed, answer after it",
               server_checks=("reasoning_format",)),
+        Suite("audio", "audio models through the server: transcription WER (held-out sentences and voices, "
+              "espeak-ng/flite), spoken arithmetic questions, counting beeps", server_checks=("transcription",
+              "spoken_qa", "beep_count")),
+        Suite("audio-smoke", "counting beeps through the server (no speech synthesis needed); CI",
+              server_checks=("beep_count",), limit=4),
+        Suite("image", "vision models through the server: shapes drawn here (shape and colour), real handwritten "
+              "digits (scikit-learn's optdigits)", server_checks=("shape_qa", "digit_qa")),
     ]
 }
 DEFAULT_SUITE = "abilities"

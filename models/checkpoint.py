@@ -72,6 +72,12 @@ def check_checkpoint(path: Path, allow_pickle: bool = False) -> Path:
     return path
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files, each weight once: an audio/vision checkpoint holds them twice (HF files,
+    and Mistral's native consolidated.safetensors for vLLM)."""
+    return sorted(f for f in path.glob("*.safetensors") if f.name != "consolidated.safetensors")
+
+
 def count_parameters(path: Path) -> int:
     """Parameters stored in a checkpoint's safetensors files, from their headers (no weights are read).
     Tied embeddings are stored once, so they count once, as in `sum(p.numel() for p in model.parameters())`."""
@@ -80,7 +86,7 @@ def count_parameters(path: Path) -> int:
     from safetensors import safe_open
 
     total = 0
-    for file in sorted(path.glob("*.safetensors")):
+    for file in weight_files(path):
         with safe_open(str(file), framework="np") as f:
             total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     return total

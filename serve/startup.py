@@ -270,7 +270,9 @@ def kv_cache_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | N
 def check_memory(engine: str, spec: ModelSpec, drafter: ModelSpec | None, kv_bytes: int) -> None:
     import psutil
 
-    weights = sum(f.stat().st_size for m in (spec, drafter) if m for f in m.checkpoint_dir.glob("*.safetensors"))
+    from models.checkpoint import weight_files
+
+    weights = sum(f.stat().st_size for m in (spec, drafter) if m for f in weight_files(m.checkpoint_dir))
     need = weights + kv_bytes + ENGINE_OVERHEAD[engine]
     available = psutil.virtual_memory().available
     if need > available:

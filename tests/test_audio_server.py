@@ -213,3 +213,13 @@ def test_audio_requests_are_counted(voxtral_server: RunningServer) -> None:
     client(voxtral_server).audio.transcriptions.create(model=MODEL, file=("a.wav", speechlike(0.3)), extra_body=SHORT)
     r = httpx.get(f"{voxtral_server.base_url}/metrics", timeout=30)
     assert 'cascade_http_requests_total{route="/v1/audio/transcriptions",status="200"}' in r.text
+
+
+def test_audio_eval_checks_through_the_server(voxtral_server: RunningServer) -> None:
+    """The `audio-smoke` suite's check (counting beeps) scores every case; the random model's numbers mean nothing."""
+    from eval.server_checks import run_checks, says_number
+
+    out = run_checks(("beep_count",), voxtral_server.base_url, MODEL, None, 3)["beep_count"]
+    assert out["n"] == 3 and set(out["metrics"]) == {"count_acc"}
+    assert all(r["message"]["content"] is not None for r in out["samples"])
+    assert says_number("I hear three beeps.", 3) and says_number("3", 3) and not says_number("thirty", 3)

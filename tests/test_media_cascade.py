@@ -148,3 +148,10 @@ def test_real_size_media_cascades_plan_from_their_configs(recipe: str, lines: li
     run = subprocess.run([sys.executable, "-m", "distill", "cascade", str(path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 2 and "config-only entry" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_speech_source_needs_the_speech_demo(home: Path) -> None:
+    from distill.media_data import MediaDataError, MediaSourceConfig
+
+    with pytest.raises(MediaDataError, match="make speech-demo"):
+        next(source_items(MediaSourceConfig(kind="speech"), 0))

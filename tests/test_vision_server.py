@@ -121,3 +121,13 @@ def test_bad_images_are_400_by_part(vision_server: RunningServer) -> None:
         assert r.json()["error"]["param"] == param and words in r.json()["error"]["message"], r.text
     assert post([{"role": "user", "content": "Hi"}]).status_code == 200
     assert post(image_message(picture())).status_code == 200
+
+
+@pytest.mark.server
+def test_image_eval_checks_through_the_server(vision_server: RunningServer) -> None:
+    """The `image` suite's checks (shapes drawn here, real handwritten digits) score every case."""
+    from eval.server_checks import run_checks
+
+    out = run_checks(("shape_qa", "digit_qa"), vision_server.base_url, MODEL, None, 3)
+    assert out["shape_qa"]["n"] == 3 and set(out["shape_qa"]["metrics"]) == {"shape_acc", "colour_acc"}
+    assert out["digit_qa"]["n"] == 3 and set(out["digit_qa"]["metrics"]) == {"digit_acc"}

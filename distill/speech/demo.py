@@ -35,8 +35,8 @@ class DemoConfig:
     train_clips: int = 4000
     test_clips: int = 200
     encoder_steps: int = 1500
-    adapter_tokens: int = 400_000
-    tune_tokens: int = 400_000
+    adapter_tokens: int = 250_000
+    tune_tokens: int = 150_000
     seed: int = 0
 
 
@@ -126,11 +126,11 @@ def train_step(student: Path, out: Path, data: Path, tokens: int, train_only: st
     from distill.train import Trainer
 
     settings = TrainSettings.model_validate({
-        "batch_size": 8, "precision": "float32", "train_only": train_only,
+        "batch_size": 8, "precision": "bfloat16", "train_only": train_only,  # bf16 autocast: 1.4x faster here
         "loss": {"kd_weight": 0.0, "ce_weight": 1.0}, "optim": {"lr": lr, "warmup_fraction": 0.05},
         "eval": {"every": 50}, "checkpoint": {"every": 50}})
     data_config = {"format": "media", "sources": [{"kind": "files", "paths": [str(data / "train.jsonl")]}],
-                   "seq_len": 128, "val_sequences": 32, "train_on": "answers"}
+                   "seq_len": 112, "val_sequences": 32, "train_on": "answers"}
     config = train_config(settings, student=student, out_dir=out.with_name(out.name + "-run"), data=data_config,
                           tokens=tokens)
     trainer = Trainer(config, progress=progress)

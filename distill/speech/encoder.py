@@ -103,8 +103,8 @@ def greedy(log_probs: torch.Tensor) -> list[str]:
 def train_encoder(train: Path, held_out: Path, out: Path, steps: int, batch: int = 16, lr: float = 1e-3,
                   seed: int = 0, progress: bool = True) -> dict:
     """Train, then save the encoder (HF weights + config) and a card with its CTC error rates."""
-    from models.audio import log_mel
     from distill.speech.wer import error_rates
+    from models.audio import log_mel
 
     torch.manual_seed(seed)
     records, waves = load_clips(train)
@@ -142,7 +142,8 @@ def train_encoder(train: Path, held_out: Path, out: Path, steps: int, batch: int
     out.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(out, safe_serialization=True)
     card = {"steps": steps, "batch": batch, "lr": lr, "train_clips": len(records), "train_seconds": round(train_s),
-            "loss_first_20": round(float(np.mean(losses[:20])), 3), "loss_last_20": round(float(np.mean(losses[-20:])), 3),
+            "loss_first_20": round(float(np.mean(losses[:20])), 3),
+            "loss_last_20": round(float(np.mean(losses[-20:])), 3),
             "params": sum(p.numel() for p in model.encoder.parameters()), "ctc": scores}
     (out / "encoder-card.json").write_text(json.dumps(card, indent=1) + "\n")
     log.info("encoder: CTC loss %.3f -> %.3f in %d s; held-out CER %.3f WER %.3f", card["loss_first_20"],
