@@ -78,6 +78,7 @@ def shard(module: nn.Module, lm: nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
-    for layer in lm.model.layers:
+    decoder = getattr(lm.model, "language_model", lm.model)  # an audio/vision model's: projector + decoder
+    for layer in decoder.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(module, mesh=mesh, reshard_after_forward=False)

@@ -36,7 +36,7 @@ class DemoConfig:
     test_clips: int = 200
     encoder_steps: int = 1500
     adapter_tokens: int = 250_000
-    tune_tokens: int = 150_000
+    tune_tokens: int = 300_000
     seed: int = 0
 
 
@@ -148,5 +148,5 @@ def run(config: DemoConfig, progress: bool = True) -> Path:
         train_step(assembled, adapter, data, config.adapter_tokens, "projector", 2e-3, progress)
     final = get_model(MODEL).checkpoint_dir
     if not is_prepared(final, "distill"):
-        train_step(adapter, final, data, config.tune_tokens, "all", 1e-4, progress)
+        train_step(adapter, final, data, config.tune_tokens, "all", 3e-4, progress)
     return final
