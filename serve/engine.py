@@ -133,13 +133,12 @@ class Engine(Protocol):
     spec: ModelSpec  # formats (chat, tools, reasoning) the routes need
     model_name: str
     adapters: tuple[str, ...]  # LoRA adapters a request may name instead of the model (vLLM only)
+    media: tuple[str, ...]  # what prompts may carry besides text ("audio", "image"); () for text-only engines
     max_model_len: int
     tokenizer: ChatTokenizer  # loaded by start()
 
     async def start(self) -> None:
         """Load the model; raise EngineStartError with a one-line reason on failure. Also used to restart."""
-
-    media: tuple[str, ...]  # what prompts may carry besides text ("audio", "image"); () for text-only engines
 
     def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str,
                  media: Media | None = None) -> AsyncIterator[EngineOutput]: ...

@@ -36,7 +36,7 @@ class DemoConfig:
     test_clips: int = 200
     encoder_steps: int = 1500
     adapter_tokens: int = 250_000
-    tune_tokens: int = 300_000
+    tune_tokens: int = 150_000
     seed: int = 0
 
 
