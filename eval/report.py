@@ -66,6 +66,9 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+LOWER_IS_BETTER = frozenset({"wer", "cer"})  # server-check metrics that are error rates
+
+
 def rows_from(result: SuiteResult) -> list[Row]:
     rows: list[Row] = []
     if result.lm_eval is not None:
@@ -81,7 +84,7 @@ def rows_from(result: SuiteResult) -> list[Row]:
                 rows.append(Row(task, metric, float(value), stderr, n, better.get(task, {}).get(metric), filt))
     for check, out in result.server_checks.items():
         for metric, (value, stderr) in out["metrics"].items():
-            rows.append(Row(check, metric, value, stderr, out["n"], True))
+            rows.append(Row(check, metric, value, stderr, out["n"], metric not in LOWER_IS_BETTER))
     return rows
 
 

@@ -307,3 +307,13 @@ def test_reasoning_check_on_a_reasoning_model(ministral_server: RunningServer) -
     follows, so the format holds whatever the words; SmolLM2 above ends inside its thinking instead."""
     out = run_checks(("reasoning_format",), ministral_server.base_url, "tiny-ministral3", None, 2)["reasoning_format"]
     assert out["metrics"]["format_ok"][0] == 1.0, out["samples"]
+
+
+def test_error_rates_read_lower_is_better() -> None:
+    from eval.harness import SuiteResult
+    from eval.report import rows_from
+
+    result = SuiteResult()
+    result.server_checks = {"transcription": {"metrics": {"wer": (0.5, 0.1), "exact": (0.2, 0.1)}, "n": 4}}
+    rows = {r.metric: r.higher_is_better for r in rows_from(result)}
+    assert rows == {"wer": False, "exact": True}
