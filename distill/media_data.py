@@ -128,13 +128,19 @@ def tone_item(i: int, seed: int, rate: int = 16000) -> tuple[list[dict], str]:
     return [{"role": "user", "content": question}], f"{NUMBERS[beeps - 1]}."
 
 
+def _inside(base: Path, relative: str, where: str) -> Path:
+    """A media path from a JSONL file, refused if it leaves the file's folder."""
+    path = (base / relative).resolve()
+    if base.resolve() not in path.parents:
+        raise MediaDataError(f"{where}: media paths must stay inside {base}")
+    return path
+
+
 def _file_part(part: dict, base: Path) -> dict:
     """Our JSONL's {"type": "audio"|"image", "path"} parts as the OpenAI parts mistral_common reads."""
     if part.get("type") not in ("audio", "image"):
         return part
-    path = (base / part["path"]).resolve()
-    if base.resolve() not in path.parents:
-        raise MediaDataError(f"{part['path']}: media paths must stay inside {base}")
+    path = _inside(base, part["path"], part["path"])
     raw = path.read_bytes()
     if part["type"] == "image":
         return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(raw).decode()}}
@@ -171,9 +177,7 @@ def source_items(source: MediaSourceConfig, seed: int) -> Iterator[Item]:
                 record = json.loads(line)
                 name = f"{file}:{n}"
                 if "audio" in record:
-                    path = (base / record["audio"]).resolve()
-                    if base.resolve() not in path.parents:
-                        raise MediaDataError(f"{name}: media paths must stay inside {base}")
+                    path = _inside(base, record["audio"], name)
                     yield name, {"audio": path.read_bytes(), "text": record["text"],
                                  "language": record.get("language")}
                 else:

@@ -151,12 +151,7 @@ class MistralChatTokenizer:
                                   template_kwargs: dict[str, Any] | None = None
                                   ) -> tuple[list[int], list[Any], list[Any]]:
         """A finished conversation with media, as training data: (ids closed by EOS, audio arrays, images)."""
-        from mistral_common.protocol.instruct.validator import ValidationMode
-        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-        if self._finetuning is None:
-            self._finetuning = MistralTokenizer.from_file(self._file, mode=ValidationMode.finetuning)
-        encoded = self._encoded(self._finetuning, messages, tools, template_kwargs)
+        encoded = self._encoded(self._finetuning_tokenizer(), messages, tools, template_kwargs)
         return list(encoded.tokens), [a.audio_array for a in encoded.audios], list(encoded.images)
 
     def audio_rate(self) -> int | None:
@@ -176,12 +171,16 @@ class MistralChatTokenizer:
     def encode_conversation(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
                             template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """mistral_common's fine-tuning mode accepts (and closes with EOS) a final assistant message."""
+        return self._render(self._finetuning_tokenizer(), messages, tools, template_kwargs)
+
+    def _finetuning_tokenizer(self) -> Any:
+        """The fine-tuning-mode tokenizer, made on first use (only training data needs it)."""
         from mistral_common.protocol.instruct.validator import ValidationMode
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         if self._finetuning is None:
             self._finetuning = MistralTokenizer.from_file(self._file, mode=ValidationMode.finetuning)
-        return self._render(self._finetuning, messages, tools, template_kwargs)
+        return self._finetuning
 
     @classmethod
     def _render(cls, tokenizer: Any, messages: list[Message], tools: list[dict[str, Any]] | None,

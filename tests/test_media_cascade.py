@@ -118,7 +118,9 @@ def test_media_files_source_reads_transcriptions_and_conversations(tmp_path: Pat
     from distill.media_data import MediaDataError, MediaSourceConfig
 
     items = source_items(MediaSourceConfig(kind="files", paths=[str(tmp_path / "*.jsonl")]), 0)
-    tok = load_tokenizer(get_model("tiny-voxtral"))
+    spec = get_model("tiny-voxtral")
+    prepare(spec)  # in this module's own home: the test must not rely on an earlier one having made it
+    tok = load_tokenizer(spec)
     ids, answer, audio, _ = render_item(next(items)[1], tok)
     assert ids.count(24) == 125 and tok.decode([i for i, a in zip(ids, answer, strict=True) if a]) == "a tone"
     ids, answer, audio, _ = render_item(next(items)[1], tok)
