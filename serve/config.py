@@ -12,6 +12,8 @@ from serve.formats import REASONING_FORMATS, TOOL_FORMATS
 from serve.media import MediaLimits, parse_per_prompt
 
 ENGINES = ("auto", "vllm", "llamacpp")
+EXECUTOR_BACKENDS = ("mp", "ray")  # vLLM's: processes on this node, or a Ray cluster across nodes
+MAX_PARALLEL = 512
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,13 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096
     max_media_bytes: int = 20 << 20
     allowed_media_domains: tuple[str, ...] = ()
+    # vLLM's own scale-out (vLLM engine only; deploy/README.md "Serving at scale")
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None: vLLM's choice (mp on one node)
+    enable_chunked_prefill: bool | None = None  # None: vLLM's default
+    max_num_batched_tokens: int | None = None  # None: vLLM's default
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -61,6 +70,12 @@ class ServerConfig:
             raise ValueError("--threads must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError(f"--max-model-len {self.max_model_len} is too small (at least 16)")
+        for flag in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if not 1 <= getattr(self, flag) <= MAX_PARALLEL:
+                raise ValueError(f"--{flag.replace('_', '-')} {getattr(self, flag)} must be between 1 and "
+                                 f"{MAX_PARALLEL}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 16:
+            raise ValueError(f"--max-num-batched-tokens {self.max_num_batched_tokens} is too small (at least 16)")
         try:
             self.media_limits()
         except ValueError as e:
@@ -70,6 +85,8 @@ class ServerConfig:
                                      ("tool-format", self.tool_format, (None, *TOOL_FORMATS)),
                                      ("reasoning-format", self.reasoning_format, (None, *REASONING_FORMATS)),
                                      ("dtype", self.dtype, (None, "bfloat16", "float16", "float32")),
+                                     ("distributed-executor-backend", self.distributed_executor_backend,
+                                      (None, *EXECUTOR_BACKENDS)),
                                      ("log-level", self.log_level, ("debug", "info", "warning", "error"))):
             if value not in allowed:
                 env = "CASCADE_" + flag.upper().replace("-", "_")
@@ -170,6 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hosts whose http(s) image/audio URLs the server may fetch (repeatable); without it the "
                         "server makes no outbound requests and accepts only data: URLs and inline base64 "
                         "[CASCADE_ALLOWED_MEDIA_DOMAINS, comma-separated] (default: none)")
+    scale = p.add_argument_group("scale-out (vLLM engine; deploy/README.md)")
+    scale.add_argument("--tensor-parallel-size", "-tp", type=int, default=_env("TENSOR_PARALLEL_SIZE", "1"),
+                       help="GPUs each layer is split across (vLLM tensor parallelism) [CASCADE_TENSOR_PARALLEL_SIZE] "
+                            "(default: %(default)s)")
+    scale.add_argument("--pipeline-parallel-size", "-pp", type=int, default=_env("PIPELINE_PARALLEL_SIZE", "1"),
+                       help="pipeline stages the layers are split into, e.g. one per node "
+                            "[CASCADE_PIPELINE_PARALLEL_SIZE] (default: %(default)s)")
+    scale.add_argument("--data-parallel-size", "-dp", type=int, default=_env("DATA_PARALLEL_SIZE", "1"),
+                       help="engine replicas behind this one server, each with TP x PP GPUs; requests are balanced "
+                            "across them by vLLM [CASCADE_DATA_PARALLEL_SIZE] (default: %(default)s)")
+    scale.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
+                       default=_env("DISTRIBUTED_EXECUTOR_BACKEND"),
+                       help="mp: worker processes on this node; ray: workers across the nodes of a running Ray "
+                            "cluster (`ray start --head` here, `ray start --address HEAD:6379` on the others) "
+                            "[CASCADE_DISTRIBUTED_EXECUTOR_BACKEND] (default: vLLM's choice, mp on one node)")
+    scale.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                       default=_env("ENABLE_CHUNKED_PREFILL"),
+                       help="split long prompts into chunks scheduled beside decodes (steadier inter-token latency "
+                            "under load) [CASCADE_ENABLE_CHUNKED_PREFILL=1|0] (default: vLLM's, on)")
+    scale.add_argument("--max-num-batched-tokens", type=int, default=_env("MAX_NUM_BATCHED_TOKENS"),
+                       help="tokens one engine step may process: the prefill chunk size; larger favours throughput, "
+                            "smaller latency [CASCADE_MAX_NUM_BATCHED_TOKENS] (default: vLLM's for the platform)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"],
                    help="log level [CASCADE_LOG_LEVEL] (default: %(default)s)")
     # argparse runs string defaults through `type`, so a bad CASCADE_PORT is reported like a bad --port.
@@ -185,6 +224,12 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
     if args.allowed_media_domains is None:
         args.allowed_media_domains = [d.strip() for d in (_env("ALLOWED_MEDIA_DOMAINS") or "").split(",") if d.strip()]
     args.allowed_media_domains = tuple(args.allowed_media_domains)
+    if isinstance(args.enable_chunked_prefill, str):  # from the environment: the flag gives a bool
+        flag = {"1": True, "true": True, "0": False, "false": False, "": None}.get(args.enable_chunked_prefill.lower(),
+                                                                                  "bad")
+        if flag == "bad":
+            parser.error(f"CASCADE_ENABLE_CHUNKED_PREFILL={args.enable_chunked_prefill!r} must be 1 or 0")
+        args.enable_chunked_prefill = flag
     try:
         return ServerConfig(**vars(args))
     except ValueError as e:

@@ -21,6 +21,7 @@ import sys
 from models.registry import ModelSpec
 from serve.config import ServerConfig
 from serve.engine import Engine, EngineStartError
+from serve.vllm_engine import ScaleOut  # plain settings: vLLM itself loads only when an engine starts
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,20 @@ async def serve(engine: Engine, config: ServerConfig, sock: socket.socket) -> in
 # checks before any engine loads
 
 
-def resolve_engine(engine: str, adapters: bool = False, media: tuple[str, ...] = ()) -> str:
-    """`auto`: vLLM where there is a GPU, LoRA adapters to serve per request, or a model that takes audio or images;
-    on a CPU-only machine llama.cpp, which `make bench-serve` measured faster for one to a few clients (vLLM
-    overtakes it from about 16 concurrent streams; README, "Engines")."""
+def resolve_engine(engine: str, adapters: bool = False, media: tuple[str, ...] = (), scaled: bool = False) -> str:
+    """`auto`: vLLM where there is a GPU, LoRA adapters to serve per request, a model that takes audio or images, or
+    vLLM scale-out settings; on a CPU-only machine llama.cpp, which `make bench-serve` measured faster for one to a
+    few clients (vLLM overtakes it from about 16 concurrent streams; README, "Engines")."""
+    if engine == "llamacpp" and scaled:
+        raise StartupError("tensor, pipeline and data parallelism and the chunked-prefill settings are vLLM's: use "
+                           "--engine vllm (or auto), or run llama.cpp replicas behind a load balancer "
+                           "(deploy/README.md)")
     if engine == "llamacpp" and media:
         raise StartupError(f"the llamacpp engine serves text only and this model takes {' and '.join(media)}: use "
                            "--engine vllm (or auto)")
     if engine != "auto":
         return engine
-    if adapters or media or any(os.path.exists(dev) for dev in ("/dev/nvidia0", "/dev/kfd")):
+    if adapters or media or scaled or any(os.path.exists(dev) for dev in ("/dev/nvidia0", "/dev/kfd")):
         return "vllm"
     import importlib.util
 
@@ -112,7 +117,9 @@ def resolve_engine(engine: str, adapters: bool = False, media: tuple[str, ...] =
 
 def prepare_engine(config: ServerConfig) -> Engine:
     spec = resolve_model(config.model, config.allow_pickle)
-    config = dataclasses.replace(config, engine=resolve_engine(config.engine, bool(config.lora), spec.media))
+    scale = scale_out(config)
+    config = dataclasses.replace(config, engine=resolve_engine(config.engine, bool(config.lora), spec.media,
+                                                               scale != ScaleOut()))
     if "image" in spec.media:
         from serve.torchvision_shim import ShimError, activate
 
@@ -134,18 +141,54 @@ def prepare_engine(config: ServerConfig) -> Engine:
         warn_if_slower(spec.name, drafter.name, config.engine, config.num_draft_tokens)
     adapters = _adapters(config, spec)
     max_model_len = context_length(spec, config)
+    check_scale_out(scale, max_model_len)
     kv_bytes = kv_cache_bytes(config, spec, drafter, max_model_len)
-    check_memory(config.engine, spec, drafter, kv_bytes)
+    check_memory(config.engine, spec, drafter, kv_bytes, replicas=scale.data_parallel_size)
     if config.engine == "llamacpp":
         return _llamacpp_engine(config, spec, drafter, max_model_len, kv_bytes)
     from serve.vllm_engine import DraftSettings, VLLMEngine, VLLMSettings
 
     draft = DraftSettings(drafter.checkpoint_dir, config.num_draft_tokens) if drafter else None
     return VLLMEngine(spec, VLLMSettings(max_model_len=max_model_len, dtype=config.dtype or spec.dtype,
-                                         kv_cache_bytes=kv_bytes, enforce_eager=config.enforce_eager,
+                                         # vLLM sizes the KV cache per worker, each holding 1/(TP x PP) of it
+                                         kv_cache_bytes=kv_bytes // scale.workers_per_replica,
+                                         enforce_eager=config.enforce_eager,
                                          max_num_seqs=config.max_num_seqs, draft=draft,
                                          prefix_cache=config.prefix_cache, adapters=adapters,
-                                         media_per_prompt=config.media_limits().per_prompt))
+                                         media_per_prompt=config.media_limits().per_prompt, scale=scale))
+
+
+def scale_out(config: ServerConfig) -> ScaleOut:
+    return ScaleOut(tensor_parallel_size=config.tensor_parallel_size,
+                    pipeline_parallel_size=config.pipeline_parallel_size,
+                    data_parallel_size=config.data_parallel_size,
+                    distributed_executor_backend=config.distributed_executor_backend,
+                    enable_chunked_prefill=config.enable_chunked_prefill,
+                    max_num_batched_tokens=config.max_num_batched_tokens)
+
+
+def check_scale_out(scale: ScaleOut, max_model_len: int) -> None:
+    """What vLLM would find only after minutes of start-up (or as a worker's traceback), found first."""
+    if scale.enable_chunked_prefill is False and scale.max_num_batched_tokens is not None \
+            and scale.max_num_batched_tokens < max_model_len:
+        raise StartupError(f"--max-num-batched-tokens {scale.max_num_batched_tokens} is below the context length "
+                           f"{max_model_len}: without chunked prefill a whole prompt must fit one step (raise it, "
+                           "lower --max-model-len, or enable chunked prefill)")
+    if scale.distributed_executor_backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise StartupError("--distributed-executor-backend ray needs Ray in this environment: `pip install "
+                               "ray[default]` (the CUDA image has it) and a running cluster (`ray start --head`)")
+        return  # the GPUs are the Ray cluster's, not this node's
+    import torch
+
+    if torch.cuda.is_available():
+        local = scale.workers_per_replica * scale.data_parallel_size
+        if local > torch.cuda.device_count():
+            raise StartupError(f"tensor x pipeline x data parallel = {local} GPUs, but this node has "
+                               f"{torch.cuda.device_count()}: lower the sizes, or spread them over nodes with "
+                               "--distributed-executor-backend ray")
 
 
 def _adapters(config: ServerConfig, spec: ModelSpec) -> tuple:
@@ -267,13 +310,15 @@ def kv_cache_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | N
     return math.ceil(chosen / (GiB // 4)) * (GiB // 4)  # whole quarters of a GiB
 
 
-def check_memory(engine: str, spec: ModelSpec, drafter: ModelSpec | None, kv_bytes: int) -> None:
+def check_memory(engine: str, spec: ModelSpec, drafter: ModelSpec | None, kv_bytes: int, replicas: int = 1) -> None:
+    """Host memory for weights, KV cache and engine, once per data-parallel replica (what a CPU run holds)."""
     import psutil
 
     from models.checkpoint import weight_files
 
-    weights = sum(f.stat().st_size for m in (spec, drafter) if m for f in weight_files(m.checkpoint_dir))
-    need = weights + kv_bytes + ENGINE_OVERHEAD[engine]
+    weights = replicas * sum(f.stat().st_size for m in (spec, drafter) if m for f in weight_files(m.checkpoint_dir))
+    kv_bytes *= replicas
+    need = weights + kv_bytes + replicas * ENGINE_OVERHEAD[engine]
     available = psutil.virtual_memory().available
     if need > available:
         raise StartupError(f"not enough memory: the weights ({weights / GiB:.2f} GiB), the KV cache "

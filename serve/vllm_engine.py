@@ -43,10 +43,34 @@ class DraftSettings:
 
 
 @dataclass(frozen=True)
+class ScaleOut:
+    """vLLM's own parallelism, passed through as engine args; vLLM validates and runs it (nothing home-made)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None: vLLM's choice
+    enable_chunked_prefill: bool | None = None
+    max_num_batched_tokens: int | None = None
+
+    @property
+    def workers_per_replica(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def single_process(self) -> bool:
+        return self.workers_per_replica * self.data_parallel_size == 1 and self.distributed_executor_backend is None
+
+    def engine_args(self) -> dict[str, Any]:
+        """The settings given, by their AsyncEngineArgs names (unset ones keep vLLM's defaults)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class VLLMSettings:
     max_model_len: int  # context length in tokens
     dtype: str
-    kv_cache_bytes: int  # explicit: vLLM's own default on CPU reserves most of the machine's memory
+    kv_cache_bytes: int  # per worker; explicit: vLLM's own default on CPU reserves most of the machine's memory
     enforce_eager: bool = False  # True skips torch.compile: faster start, slower steps
     max_num_seqs: int | None = None  # None: vLLM's default for the platform
     seed: int = 0
@@ -58,6 +82,7 @@ class VLLMSettings:
     # (~8 s) less at every start; vLLM's worker process and its shared-memory polling compete for the two cores.
     worker_in_engine_process: bool = True
     media_per_prompt: dict[str, int] = dataclasses.field(default_factory=dict)  # audio/image items a prompt may hold
+    scale: ScaleOut = ScaleOut()
 
 
 class VLLMEngine:
@@ -100,6 +125,7 @@ class VLLMEngine:
             kv_cache_memory_bytes=s.kv_cache_bytes,
             speculative_config=speculative,
             enable_prefix_caching=s.prefix_cache,
+            **s.scale.engine_args(),
             # xgrammar (vLLM's default backend; `grammar` is its EBNF), with compact JSON: with free whitespace a
             # small model pads values with blanks or newlines until max_tokens. vLLM reads this only engine-wide.
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
@@ -277,12 +303,28 @@ def _configure_environment(settings: VLLMSettings) -> None:
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu() and settings.worker_in_engine_process:
+    # (one process only: tensor/pipeline/data parallelism need vLLM's worker processes)
+    if current_platform.is_cpu() and settings.worker_in_engine_process and settings.scale.single_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    workers = settings.scale.workers_per_replica * settings.scale.data_parallel_size
+    if current_platform.is_cpu() and workers > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        # vLLM's CPU workers bind their threads one NUMA node each and refuse to start with more workers than nodes
+        # ("Not enough allowed NUMA nodes"); on one node, give each worker its own share of this process's cores.
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(sorted(os.sched_getaffinity(0)), workers)
     # Spawned, not forked (vLLM's CPU platform forces this; its own CLI does on GPUs): a forked engine core would
     # inherit "plugins loaded" and skip serve/vllm_plugin.py's parent watch, and could inherit a lock held by the
     # tokenizer thread that runs while the engine starts.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+def cpu_thread_binding(cpus: list[int], workers: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `workers` CPU workers: contiguous equal shares of `cpus`, e.g. "0-3|4-7"."""
+    if workers > len(cpus):
+        raise EngineStartError(f"{workers} vLLM CPU workers (tensor x pipeline x data parallel) need at least as many "
+                               f"cores; this process may use {len(cpus)}")
+    share = len(cpus) // workers
+    groups = [cpus[i * share:(i + 1) * share] for i in range(workers)]
+    return "|".join(",".join(str(c) for c in group) for group in groups)
 
 
 def _root_cause(e: BaseException) -> str:
