@@ -44,6 +44,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(value: object) -> object:
+    """Rank 0's `value` on every rank (a path, a decision)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_sum(value: torch.Tensor) -> torch.Tensor:
     """The sum over ranks (a copy; the input is left alone)."""
     if dist.is_initialized():

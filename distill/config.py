@@ -171,6 +171,10 @@ class TrainSettings(BaseModel):
     train_only: Literal["all", "projector"] = Field(
         "all", description="projector: an audio/vision model's projector trains and its decoder stays frozen (the "
                            "adapter stage of a Voxtral-style model: distill/speech/)")
+    activation_checkpointing: bool = Field(
+        False, description="keep only each decoder layer's input and recompute the rest in the backward (~1/3 more "
+                           "compute, activations no longer grow with depth): what real sizes need under FSDP2, which "
+                           "shards weights and optimizer state but not activations (`--dry-run --gpus N` estimates)")
     attention: Literal["sdpa", "cascade"] = Field(
         "sdpa", description="cascade: our Triton attention (kernels/attention.py) for student and teacher; needs a "
                             "CUDA GPU, or TRITON_INTERPRET=1 on CPU (correct but very slow)")
@@ -299,7 +303,7 @@ class TrainConfig(TrainSettings):
 
 # Settings a resumed run may change: where it writes, how often it evaluates and checkpoints, and implementations
 # of the same function (loss, attention). Everything else must match the checkpoint it resumes.
-RESUMABLE_FIELDS = ("out_dir", "eval", "checkpoint", "fused_loss", "attention")
+RESUMABLE_FIELDS = ("out_dir", "eval", "checkpoint", "fused_loss", "attention", "activation_checkpointing")
 
 
 def run_settings(config: TrainConfig, defaults: bool = True) -> dict[str, object]:

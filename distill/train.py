@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from distill.common import all_sum, autocast, barrier, device, is_rank0, shard, world
-from distill.components.checkpointer import Checkpointer, full_model_state
+from distill.components.checkpointer import Checkpointer, CheckpointMismatchError, full_model_state
 from distill.components.evaluator import Evaluator
 from distill.components.lora import add_adapters, merged_copy, save_adapter, trainable_share
 from distill.components.lr_scheduler import build_optimizer, lr_at, set_lr
@@ -67,6 +67,9 @@ class Trainer:
                 raise ValueError("train_only: projector needs an audio or vision model (it has a projector)")
             for name, p in lm.named_parameters():
                 p.requires_grad_(name.startswith("model.projector."))
+        if config.activation_checkpointing:  # before sharding, as torchtitan applies it; same values, less memory
+            decoder = getattr(lm.model, "language_model", lm)  # an audio/vision model: its decoder's layers
+            decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.adapter = add_adapters(lm, config.lora) if config.lora is not None else None  # lm changed in place
         if self.adapter is not None:
             log.info("LoRA rank %d: %d of %d parameters train", config.lora.rank, *trainable_share(lm))  # type: ignore[union-attr]
@@ -179,13 +182,29 @@ class Trainer:
         return self.checkpointer.save(self.step, self.student, self.optimizer, {
             "total_steps": self.total_steps, "tokens_seen": self.step * self.tokens_per_step,
             "elapsed_s": self.metrics.elapsed, "data_position": self.step * self.sampler.sequences_per_step,
-            "world_size": self.world, "config": self.config.model_dump(mode="json"),
+            "world_size": self.world, "sequences_per_step": self.sampler.sequences_per_step,
+            "config": self.config.model_dump(mode="json"),
             "student_weights": self.student_weights})
 
     def _resume(self, path: Path) -> float:
         """Load `path`; returns the training time it had recorded."""
         expected = {**run_settings(self.config), "student_weights": self.student_weights}
         given = {**run_settings(self.config, defaults=False), "student_weights": self.student_weights}
+        written = self.checkpointer.state(path)
+        if written.get("world_size", self.world) != self.world:
+            # Another world size: the step's rows are the same when the global batch is (world x batch x
+            # accumulation), so that, not the accumulation, must match (e.g. 2 nodes x accum 1 -> 1 node x accum 2).
+            c = written["config"]
+            written_global = written["world_size"] * c["batch_size"] * c["grad_accum"]
+            if written_global != self.sampler.sequences_per_step:
+                raise CheckpointMismatchError(
+                    f"{path} was written by {written['world_size']} process(es) with {written_global} sequences a "
+                    f"step; this run has {self.world} x batch_size {self.config.batch_size} x grad_accum "
+                    f"{self.config.grad_accum} = {self.sampler.sequences_per_step}: set grad_accum so they match, "
+                    f"or delete {self.checkpointer.root} to start this run again")
+            for settings in (expected, given):
+                settings.pop("grad_accum", None)
+            log.info("resuming a %d-process checkpoint with %d process(es)", written["world_size"], self.world)
         state = self.checkpointer.load(path, self.student, self.optimizer, expected,
                                        f"delete {self.checkpointer.root} to start this run again",
                                        {"student_weights": f"the weights in {self.config.student}"}, given)

@@ -250,6 +250,19 @@ def test_two_gloo_processes_with_fsdp2_match_one_process(micro, tmp_path):
     assert state["world_size"] == 2 and state["step"] == 12
 
 
+def test_activation_checkpointing_changes_memory_not_results(micro, tmp_path):
+    runs = {}
+    for on in (False, True):
+        config = _config(micro, tmp_path / str(on), tokens=32 * 4 * 4, activation_checkpointing=on)
+        trainer = Trainer(config, progress=False)
+        assert trainer.student.lm.model.gradient_checkpointing is on
+        trainer.train()
+        runs[on] = read_metrics(tmp_path / str(on) / "metrics.jsonl")
+    for x, y in zip(runs[False][1:], runs[True][1:], strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and x["grad_norm"] == pytest.approx(y["grad_norm"],
+                                                                                                 rel=1e-5)
+
+
 def test_an_offline_teacher_cache_is_built_once_and_reused(micro, tmp_path):
     from distill.teacher_cache import CACHE_FILE
 
