@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     cascade.add_argument("recipe", type=Path)
     cascade.add_argument("--runs", type=Path, help="working directory (default $CASCADE_HOME/runs/<recipe name>)")
     cascade.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan only")
+    cascade.add_argument("--gpus", type=int, help="with --dry-run: plan for this many GPUs (the recipe's cluster: "
+                         "section, or an 8 x H100 80GB default, for the rest): memory per GPU under FSDP2, the "
+                         "fewest GPUs each stage fits on, GPU-hours")
     for name, what in (("sft", "on chat data (SFT, optionally with logit distillation)"),
                        ("prefer", "on preference pairs (GPO: DPO, IPO, SLiC, ... against a frozen reference)"),
                        ("grpo", "by GRPO on its own samples of the data's prompts, scored by named rewards"),
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from distill.model_io import UnsupportedModelError, load_config
     from distill.plan import Architecture, PlanError, plan_architecture
     from distill.posttrain import load_recipe_chain, run_config, run_posttrain
+    from distill.resources import ClusterConfig
     from distill.train import Trainer, TrainingDivergedError
     from models.prepare import prepare
     from models.registry import UnknownModelError, get_model
@@ -152,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                 for made in parent_chain(recipe):
                     print(f"# first: {made.name} ({made.train.objective}, from {made.model})")
                 _, plans = plan_recipe(recipe)
-                print("\n".join(describe_plan(recipe, recipe.parent, plans)))
+                cluster = recipe.cluster
+                if args.gpus is not None:
+                    cluster = ClusterConfig.model_validate({**(cluster or ClusterConfig()).model_dump(),
+                                                            "gpus": args.gpus})
+                print("\n".join(describe_plan(recipe, recipe.parent, plans, cluster)))
                 return 0
             init_distributed()
             run_recipe(recipe, args.runs)

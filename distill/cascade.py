@@ -51,13 +51,14 @@ from distill.plan import (
     plan_architecture,
     prune_to,
 )
+from distill.resources import ClusterConfig, describe_needs, stage_needs
 from distill.train import Trainer
 from models.checkpoint import is_prepared, weights_state
 from models.registry import FAMILY_MEDIA, REGISTRY, ModelSpec, cascade_home, get_model, register_model
 
 log = logging.getLogger(__name__)
 FAMILIES = ("llama", "mistral", "ministral3", *FAMILY_MEDIA)  # what a registered student's model_type may be
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*$")
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
 
 
 class RecipeError(ValueError):
@@ -65,13 +66,13 @@ class RecipeError(ValueError):
 
 
 def parse_count(value: int | str) -> int:
-    """`100M`, `1.5B`, `250k` or a plain integer."""
+    """`100M`, `1.5B`, `250k`, `1T` or a plain integer."""
     if isinstance(value, int):
         return value
     match = _SIZE.match(value)
     if not match:
         raise ValueError(f"not a count: {value!r} (use e.g. 100M, 1.5B, 250k)")
-    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[match.group(2).lower()]
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2).lower()]
     return int(float(match.group(1)) * scale)
 
 
@@ -125,6 +126,9 @@ class Recipe(BaseModel):
     train: TrainSettings = TrainSettings()
     stages: list[Stage] = Field(min_length=1)
     seed: int = 0
+    cluster: ClusterConfig | None = Field(None, description="the GPUs to plan for: `--dry-run` then prints each "
+                                          "stage's memory per GPU under FSDP2, the fewest GPUs it fits on and its "
+                                          "GPU-hours (distill/resources.py)")
 
     @model_validator(mode="after")
     def _answers_teacher(self) -> Recipe:
@@ -184,15 +188,30 @@ class StagePlan:
     encoder: str | None = None  # an audio/vision parent's encoder, copied into every stage unchanged
 
 
-def describe_plan(recipe: Recipe, parent: str, plans: list[StagePlan]) -> list[str]:
-    """What `--dry-run` prints and a run logs first: the parent, then each stage's decoder."""
+def describe_plan(recipe: Recipe, parent: str, plans: list[StagePlan], cluster: ClusterConfig | None = None
+                  ) -> list[str]:
+    """What `--dry-run` prints and a run logs first: the parent, then each stage's decoder; with `cluster`, each
+    stage's GPU memory, fewest GPUs and GPU-hours, and a total."""
     lines = [f"cascade {recipe.name}: parent {parent}: {plans[0].source.describe()}"]
     if plans[0].encoder:
         lines.append(f"  {plans[0].encoder}; projector kept and retrained in every stage; only the decoder is pruned")
+    needs = []
     for i, plan in enumerate(plans, 1):
         lines.append(f"  stage {i} {plan.stage.name}: {plan.target.describe()}, {plan.stage.tokens:,} tokens, "
                      f"teacher {plan.stage.teacher}"
                      + (f"; then post-trained by {Path(plan.stage.posttrain).name}" if plan.stage.posttrain else ""))
+        if cluster is not None:
+            teacher = None if recipe.train.teacher_top_k else (
+                plans[0].source if plan.stage.teacher == "parent" else plan.source)
+            needs.append(stage_needs(plan.target, teacher, plan.stage.tokens, recipe.data.seq_len,
+                                     recipe.train.batch_size, recipe.train.activation_checkpointing,
+                                     recipe.train.loss.chunk_tokens, cluster))
+            lines += describe_needs(needs[-1], plan.stage.tokens, cluster)
+    if needs:
+        least = [n.min_gpus for n in needs]
+        lines.append(f"  needs: {'no GPU count fits every stage' if None in least else f'at least {max(least)} GPUs'}"
+                     f" ({cluster.gpu}); {sum(n.gpu_hours for n in needs):,.0f} GPU-hours in all "
+                     f"({sum(n.gpu_hours for n in needs) / cluster.gpus / 24:,.1f} days on {cluster.gpus})")
     return lines
 
 

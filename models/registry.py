@@ -138,6 +138,18 @@ REGISTRY: dict[str, ModelSpec] = {
                         "decoder; config only, for planning a cascade (`python -m distill cascade ... --dry-run`)",
         ),
         ModelSpec(
+            name="mistral-small-24b",
+            family="mistral",
+            source="config",
+            chat_format="mistral",
+            tool_format="mistral-v11",
+            dtype="bfloat16",
+            max_context=32768,
+            path=CONFIGS / "mistral-small-24b",
+            description="Mistral Small 3 / 3.1 24B text decoder shape (Mistral-Small-24B-Base-2501 config: 40 "
+                        "layers, hidden 5120, FFN 32768), Ministral 3's parent; config only, for planning a cascade",
+        ),
+        ModelSpec(
             name="ministral-3-8b-vision",
             family="mistral3",
             source="config",
