@@ -24,7 +24,6 @@ import concurrent.futures
 import contextlib
 import json
 import logging
-import os
 import secrets
 import shutil
 import signal
@@ -394,4 +393,6 @@ def llguidance_grammar(c: Constraint) -> str:
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from serve.machine import usable_cores
+
+    return usable_cores()

@@ -21,6 +21,7 @@ import sys
 from models.registry import ModelSpec
 from serve.config import ServerConfig
 from serve.engine import Engine, EngineStartError
+from serve.machine import available_memory
 from serve.vllm_engine import ScaleOut  # plain settings: vLLM itself loads only when an engine starts
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,6 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def kv_cache_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | None, max_model_len: int) -> int:
     """--kv-cache-gib, or room for max(4 contexts, 32k tokens), at most a quarter of the free memory."""
-    import psutil
 
     dtype_bytes = 2 if config.engine == "llamacpp" else _DTYPE_BYTES[config.dtype or spec.dtype]
     per_token = kv_bytes_per_token(spec, dtype_bytes) + (kv_bytes_per_token(drafter, dtype_bytes) if drafter else 0)
@@ -305,21 +305,20 @@ def kv_cache_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | N
                                f"{math.ceil(needed / GiB * 100) / 100} or lower --max-model-len")
         return chosen
     wanted = per_token * max(4 * max_model_len, DEFAULT_KV_TOKENS)
-    cap = psutil.virtual_memory().available // 4
+    cap = available_memory() // 4
     chosen = max(min(wanted, cap), needed)
     return math.ceil(chosen / (GiB // 4)) * (GiB // 4)  # whole quarters of a GiB
 
 
 def check_memory(engine: str, spec: ModelSpec, drafter: ModelSpec | None, kv_bytes: int, replicas: int = 1) -> None:
     """Host memory for weights, KV cache and engine, once per data-parallel replica (what a CPU run holds)."""
-    import psutil
 
     from models.checkpoint import weight_files
 
     weights = replicas * sum(f.stat().st_size for m in (spec, drafter) if m for f in weight_files(m.checkpoint_dir))
     kv_bytes *= replicas
     need = weights + kv_bytes + replicas * ENGINE_OVERHEAD[engine]
-    available = psutil.virtual_memory().available
+    available = available_memory()
     if need > available:
         raise StartupError(f"not enough memory: the weights ({weights / GiB:.2f} GiB), the KV cache "
                            f"({kv_bytes / GiB:.2f} GiB) and the engine (~{ENGINE_OVERHEAD[engine] / GiB:.1f} GiB) "

@@ -4,6 +4,7 @@ a real tensor-parallel engine (two CPU workers) answering as the one-worker engi
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import httpx
 import pytest
@@ -111,3 +112,22 @@ def test_two_tensor_parallel_workers_answer_as_one(tp2_server: RunningServer, ti
         tokens_one, logprobs_one = _greedy(tiny_server, prompt)
         assert tokens_tp == tokens_one, prompt
         assert logprobs_tp == pytest.approx(logprobs_one, abs=2e-3), prompt
+
+
+def test_container_limits_bound_memory_and_cores(tmp_path: Path) -> None:
+    """Inside a pod the node's numbers are not ours: the cgroup's memory headroom and CPU quota are."""
+    import psutil
+
+    from serve.machine import available_memory, usable_cores
+
+    assert available_memory(tmp_path) == pytest.approx(psutil.virtual_memory().available, rel=0.05)  # no cgroup
+    (tmp_path / "memory.max").write_text("2147483648\n")
+    (tmp_path / "memory.current").write_text("536870912\n")
+    assert available_memory(tmp_path) == 3 << 29  # 2 GiB limit - 0.5 GiB used
+    (tmp_path / "memory.max").write_text("max\n")
+    assert available_memory(tmp_path) > 3 << 29
+    cores = usable_cores(tmp_path)
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
+    assert usable_cores(tmp_path) == min(2, cores)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(tmp_path) == cores
