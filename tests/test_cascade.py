@@ -269,8 +269,8 @@ def test_every_trainer_setting_is_reachable_from_a_recipe(parent, tmp_path):
                 "loss": {"divergence": "jsd", "beta": 0.3, "temperature": 2.0, "ce_weight": 0.5, "chunk_tokens": 64},
                 "optim": {"lr": 1e-3, "min_lr_ratio": 0.2, "warmup_fraction": 0.1, "weight_decay": 0.0,
                           "betas": [0.8, 0.9], "grad_clip": 0.5},
-                "eval": {"every": 7}, "checkpoint": {"every": 4, "keep": 3}, "teacher_top_k": 16,
-                "fused_loss": "off", "attention": "sdpa", "train_only": "all",
+                "eval": {"every": 7}, "checkpoint": {"every": 4, "keep": 3, "format": "sharded"}, "teacher_top_k": 16,
+                "fused_loss": "off", "attention": "sdpa", "train_only": "all", "activation_checkpointing": True,
                 "on_policy": {"mix": 0.5, "prompt_tokens": 8, "new_tokens": 8, "temperature": 0.7, "sync_every": 2,
                               "kv_cache_gib": 0.5, "probe_tolerance": 0.01},
                 "sft": {"teacher_weight": None},  # objective sft's (tests/test_sft.py sets it from a recipe)
