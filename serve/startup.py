@@ -179,8 +179,8 @@ def check_scale_out(scale: ScaleOut, max_model_len: int) -> None:
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
-            raise StartupError("--distributed-executor-backend ray needs Ray in this environment: `pip install "
-                               "ray[default]` (the CUDA image has it) and a running cluster (`ray start --head`)")
+            raise StartupError("--distributed-executor-backend ray needs Ray in this environment (`pip install "
+                               "'ray[default]'`) and a running cluster (`ray start --head`)")
         return  # the GPUs are the Ray cluster's, not this node's
     import torch
 
