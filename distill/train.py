@@ -182,8 +182,7 @@ class Trainer:
         return self.checkpointer.save(self.step, self.student, self.optimizer, {
             "total_steps": self.total_steps, "tokens_seen": self.step * self.tokens_per_step,
             "elapsed_s": self.metrics.elapsed, "data_position": self.step * self.sampler.sequences_per_step,
-            "world_size": self.world, "sequences_per_step": self.sampler.sequences_per_step,
-            "config": self.config.model_dump(mode="json"),
+            "world_size": self.world, "config": self.config.model_dump(mode="json"),
             "student_weights": self.student_weights})
 
     def _resume(self, path: Path) -> float:
