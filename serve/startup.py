@@ -293,7 +293,6 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def kv_cache_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | None, max_model_len: int) -> int:
     """--kv-cache-gib, or room for max(4 contexts, 32k tokens), at most a quarter of the free memory."""
-
     dtype_bytes = 2 if config.engine == "llamacpp" else _DTYPE_BYTES[config.dtype or spec.dtype]
     per_token = kv_bytes_per_token(spec, dtype_bytes) + (kv_bytes_per_token(drafter, dtype_bytes) if drafter else 0)
     needed = per_token * max_model_len  # one full context, the least any engine accepts
@@ -312,7 +311,6 @@ def kv_cache_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | N
 
 def check_memory(engine: str, spec: ModelSpec, drafter: ModelSpec | None, kv_bytes: int, replicas: int = 1) -> None:
     """Host memory for weights, KV cache and engine, once per data-parallel replica (what a CPU run holds)."""
-
     from models.checkpoint import weight_files
 
     weights = replicas * sum(f.stat().st_size for m in (spec, drafter) if m for f in weight_files(m.checkpoint_dir))
