@@ -45,14 +45,21 @@ class Architecture:
         )
 
     @property
-    def params(self) -> int:
-        """Exact parameter count of a bias-free Llama/Mistral decoder with these dims."""
+    def layer_params(self) -> int:
+        """One decoder layer: attention, SwiGLU MLP and its two norms."""
         d, hd = self.hidden_size, self.head_dim
         attn = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        mlp = 3 * d * self.intermediate_size
-        per_layer = attn + mlp + 2 * d
-        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embed + d
+        return attn + 3 * d * self.intermediate_size + 2 * d
+
+    @property
+    def outer_params(self) -> int:
+        """Embeddings, head (unless tied) and the final norm: everything outside the layers."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2) + self.hidden_size
+
+    @property
+    def params(self) -> int:
+        """Exact parameter count of a bias-free Llama/Mistral decoder with these dims."""
+        return self.num_hidden_layers * self.layer_params + self.outer_params
 
     def describe(self) -> str:
         return (f"{self.num_hidden_layers} layers, hidden {self.hidden_size}, FFN {self.intermediate_size}, "

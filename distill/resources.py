@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from distill.plan import Architecture
+from distill.teacher_cache import bytes_per_token
 
 GiB = 1 << 30
 
@@ -59,16 +60,6 @@ class StageNeeds:
         return sum(self.memory.values())
 
 
-def layer_params(arch: Architecture) -> int:
-    d, hd = arch.hidden_size, arch.head_dim
-    return d * hd * (2 * arch.num_attention_heads + 2 * arch.num_key_value_heads) + 3 * d * arch.intermediate_size
-
-
-def root_params(arch: Architecture) -> int:
-    """Embeddings, head and final norm: FSDP2's root unit in our sharding."""
-    return arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
-
-
 def activation_bytes_per_token_layer(arch: Architecture) -> int:
     """bf16 tensors a block keeps for backward per token: norm inputs (fp32) and outputs, q/k/v, attention output,
     the residual, gate/up/activation/product of the SwiGLU."""
@@ -94,13 +85,14 @@ def memory_per_gpu(student: Architecture, teacher: Architecture | None, gpus: in
         activations = student.num_hidden_layers * per_layer
     memory = {
         "student states": 16 * student.params / gpus,  # fp32 weights + fp32 grads + AdamW m and v
-        "gathered units": 4 * (2 * layer_params(student) + root_params(student)),  # running + prefetched layer, root
+        # the running and the prefetched layer, and FSDP2's root unit in our sharding (embeddings, head, final norm)
+        "gathered units": 4 * (2 * student.layer_params + student.outer_params),
         "activations": activations,
         "logits": 3 * 4 * min(chunk_tokens, tokens) * student.vocab_size,  # student, teacher, gradient: one chunk
     }
     if teacher is not None:
         memory["teacher"] = 4 * teacher.params / gpus
-        memory["gathered units"] += 4 * (2 * layer_params(teacher) + root_params(teacher))
+        memory["gathered units"] += 4 * (2 * teacher.layer_params + teacher.outer_params)
     return {k: v / GiB for k, v in memory.items()}
 
 
@@ -147,10 +139,6 @@ def describe_needs(needs: StageNeeds, tokens: int, cluster: ClusterConfig) -> li
             f"    teacher served apart (vLLM, top-{cluster.teacher_top_k} log-probs): frees "
             f"{needs.memory['teacher']:.1f} GiB/GPU of shards here, moves {share:.0%} of the compute "
             f"({needs.teacher_gpu_hours:,.0f} GPU-hours) to its own deployment, and needs "
-            f"{rate * _top_k_bytes(cluster.teacher_top_k) / 1e9:.2f} GB/s of log-probs at this speed (cached "
-            f"offline instead: {tokens * _top_k_bytes(cluster.teacher_top_k) / 1e12:,.1f} TB on disk)")
+            f"{rate * bytes_per_token(cluster.teacher_top_k) / 1e9:.2f} GB/s of log-probs at this speed (cached "
+            f"offline instead: {tokens * bytes_per_token(cluster.teacher_top_k) / 1e12:,.1f} TB on disk)")
     return lines
-
-
-def _top_k_bytes(k: int) -> int:
-    return 4 * k * 2 + 4  # int32 ids + fp32 log-probs per entry, + the tail's mass (distill/teacher_cache.py)

@@ -27,6 +27,11 @@ CACHE_VERSION = "teacher-cache/1"
 CACHE_FILE = "topk.safetensors"
 
 
+def bytes_per_token(k: int) -> int:
+    """What the cache stores for one token: k int32 ids, k fp32 log-probs and the tail's fp32 log-prob."""
+    return k * 8 + 4
+
+
 def cache_dir(teacher: Path, data_key: str, k: int, temperature: float, vocab: int) -> Path:
     weights = sorted(teacher.glob("*.safetensors"))
     identity = {
@@ -88,7 +93,7 @@ def ensure_cache(teacher: Path, train_rows: torch.Tensor, needed: list[int], k: 
         save_file({name: t.contiguous() for name, t in merged.items()}, tmp / CACHE_FILE)
         (tmp / "cache.json").write_text(json.dumps({
             "teacher": str(teacher), "k": k, "temperature": temperature, "vocab": vocab, "data": data_key,
-            "rows": len(merged["rows"]), "bytes_per_token": k * 8 + 4,
+            "rows": len(merged["rows"]), "bytes_per_token": bytes_per_token(k),
         }, indent=1) + "\n")
     log.info("teacher cache %s: +%d rows (%d total)", folder, len(missing), len(merged["rows"]))
     return TeacherCache(folder)

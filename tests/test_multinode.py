@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ from distill.components.checkpointer import DCP_METADATA, Checkpointer, Checkpoi
 from distill.components.metrics import read_metrics
 from distill.train import Trainer
 from models.checkpoint import COMPLETE_MARKER
+from serve.launch import free_port
 from tests.test_distill_train import ROOT, _config, _write, micro  # noqa: F401  (micro: the shared fixture)
 
 STEPS = 24
 TOKENS = 32 * 4 * STEPS  # seq 32 x 4 sequences a step (2 nodes x batch 2, or 1 process x batch 2 x 2 micro-batches)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node(config: Path, port: int, log: Path, resume: bool) -> subprocess.Popen:
@@ -64,7 +58,7 @@ def runs(micro: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> di
 
     two = _write(_config(micro, tmp / "two", batch_size=2, grad_accum=1, tokens=TOKENS,
                          checkpoint={"every": 8, "format": "sharded", "keep": 3}), tmp / "two.yaml")
-    port, log = _free_port(), tmp / "two.log"
+    port, log = free_port(), tmp / "two.log"
     nodes = [_node(two, port, log, resume=False) for _ in range(2)]
     marker = tmp / "two" / "checkpoints" / "step-000008" / COMPLETE_MARKER
     deadline = time.monotonic() + 300
@@ -79,7 +73,7 @@ def runs(micro: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> di
     steps_before = read_metrics(tmp / "two" / "metrics.jsonl")[-1]["step"]
     assert 8 <= steps_before < STEPS, f"the run was not killed mid-way:\n{log.read_text()[-3000:]}"
 
-    port = _free_port()  # a new rendezvous: both nodes restarted
+    port = free_port()  # a new rendezvous: both nodes restarted
     nodes = [_node(two, port, log, resume=True) for _ in range(2)]
     codes = [n.wait(timeout=600) for n in nodes]
     assert codes == [0, 0], log.read_text()[-4000:]
