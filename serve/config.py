@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "[CASCADE_ENGINE] (default: %(default)s)")
     p.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB"),
                    help="memory for the KV cache in GiB [CASCADE_KV_CACHE_GIB] (default: room for four full "
-                        "contexts or 32k tokens, at most a quarter of the free memory)")
+                        "contexts or 32k tokens, at most a quarter of the free memory; on a GPU, what 90%% of its "
+                        "memory leaves after the weights, sized by vLLM)")
     p.add_argument("--restart-engine", action="store_true", default=_env("RESTART_ENGINE", "0") == "1",
                    help="restart a dead engine in-process with back-off instead of exiting (status 3) "
                         "[CASCADE_RESTART_ENGINE=1]")

@@ -34,6 +34,15 @@ def usable_cores(cgroup: Path = CGROUP) -> int:
     return max(1, min(cores, math.ceil(limit / period)))
 
 
+def gpu_memory() -> list[tuple[int, int]]:
+    """(free, total) bytes of each visible CUDA device; empty on a machine without one (or with a CPU torch)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())]
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text().strip()

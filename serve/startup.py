@@ -21,13 +21,14 @@ import sys
 from models.registry import ModelSpec
 from serve.config import ServerConfig
 from serve.engine import Engine, EngineStartError
-from serve.machine import available_memory
+from serve.machine import available_memory, gpu_memory
 from serve.vllm_engine import ScaleOut  # plain settings: vLLM itself loads only when an engine starts
 
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 DEFAULT_KV_TOKENS = 32768  # at least this many tokens of KV cache by default (4 full contexts if that is more)
+GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of each GPU's memory when it sizes the KV cache itself
 ENGINE_OVERHEAD = {"vllm": 2 * GiB, "llamacpp": GiB // 2}  # processes, imports, activations (measured RSS, rounded)
 
 
@@ -143,16 +144,21 @@ def prepare_engine(config: ServerConfig) -> Engine:
     adapters = _adapters(config, spec)
     max_model_len = context_length(spec, config)
     check_scale_out(scale, max_model_len)
-    kv_bytes = kv_cache_bytes(config, spec, drafter, max_model_len)
-    check_memory(config.engine, spec, drafter, kv_bytes, replicas=scale.data_parallel_size)
+    gpus = gpu_memory() if config.engine == "vllm" else []
+    kv_bytes = kv_cache_bytes(config, spec, drafter, max_model_len, on_gpu=bool(gpus))
+    if not gpus:
+        check_memory(config.engine, spec, drafter, kv_bytes, replicas=scale.data_parallel_size)
+    elif scale.distributed_executor_backend != "ray":  # Ray's GPUs are other nodes': vLLM checks them there
+        check_gpu_memory(config, spec, drafter, kv_bytes, max_model_len, scale, gpus)
     if config.engine == "llamacpp":
         return _llamacpp_engine(config, spec, drafter, max_model_len, kv_bytes)
     from serve.vllm_engine import DraftSettings, VLLMEngine, VLLMSettings
 
+    # vLLM sizes the KV cache per worker, each holding 1/(TP x PP) of it
+    kv_per_worker = None if kv_bytes is None else kv_bytes // scale.workers_per_replica
     draft = DraftSettings(drafter.checkpoint_dir, config.num_draft_tokens) if drafter else None
     return VLLMEngine(spec, VLLMSettings(max_model_len=max_model_len, dtype=config.dtype or spec.dtype,
-                                         # vLLM sizes the KV cache per worker, each holding 1/(TP x PP) of it
-                                         kv_cache_bytes=kv_bytes // scale.workers_per_replica,
+                                         kv_cache_bytes=kv_per_worker,
                                          enforce_eager=config.enforce_eager,
                                          max_num_seqs=config.max_num_seqs, draft=draft,
                                          prefix_cache=config.prefix_cache, adapters=adapters,
@@ -228,8 +234,7 @@ def _llamacpp_engine(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec |
         raise StartupError(f"{spec.name} cannot run on llama.cpp: {e}") from None
     except OSError as e:  # a full disk, an unreadable checkpoint
         raise StartupError(f"could not export {spec.name} to GGUF: {e}") from None
-    # llama.cpp keeps K and V in f16; a drafter keeps its own cache of as many tokens
-    tokens = kv_bytes // (kv_bytes_per_token(spec, 2) + (kv_bytes_per_token(drafter, 2) if drafter else 0))
+    tokens = kv_bytes // kv_token_bytes(config, spec, drafter)  # a drafter keeps its own cache of as many tokens
     return LlamaCppEngine(spec, LlamaCppSettings(
         gguf=gguf, max_model_len=max_model_len, kv_cache_tokens=max(tokens, max_model_len),
         parallel=config.max_num_seqs or 32, threads=config.threads or default_threads(), draft_gguf=draft_gguf,
@@ -291,11 +296,24 @@ def kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> int:
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def kv_cache_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | None, max_model_len: int) -> int:
-    """--kv-cache-gib, or room for max(4 contexts, 32k tokens), at most a quarter of the free memory."""
-    dtype_bytes = 2 if config.engine == "llamacpp" else _DTYPE_BYTES[config.dtype or spec.dtype]
-    per_token = kv_bytes_per_token(spec, dtype_bytes) + (kv_bytes_per_token(drafter, dtype_bytes) if drafter else 0)
-    needed = per_token * max_model_len  # one full context, the least any engine accepts
+def served_dtype_bytes(config: ServerConfig, spec: ModelSpec) -> int:
+    """Bytes per weight and KV element as served: llama.cpp keeps K and V in f16."""
+    return 2 if config.engine == "llamacpp" else _DTYPE_BYTES[config.dtype or spec.dtype]
+
+
+def kv_token_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | None) -> int:
+    """KV bytes of one token, model and drafter together, at the served dtype (llama.cpp: f16)."""
+    dtype_bytes = served_dtype_bytes(config, spec)
+    return kv_bytes_per_token(spec, dtype_bytes) + (kv_bytes_per_token(drafter, dtype_bytes) if drafter else 0)
+
+
+def kv_cache_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | None, max_model_len: int,
+                   on_gpu: bool = False) -> int | None:
+    """--kv-cache-gib; else on a GPU None: vLLM profiles the model and gives the cache what 90% of the GPU leaves
+    (the host's memory says nothing there); else room for max(4 contexts, 32k tokens), at most a quarter of the free
+    memory."""
+    per_token = kv_token_bytes(config, spec, drafter)
+    needed = per_token * max_model_len
     if config.kv_cache_gib is not None:
         chosen = int(config.kv_cache_gib * GiB)
         if chosen < needed:
@@ -303,6 +321,8 @@ def kv_cache_bytes(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | N
                                f"one context of {max_model_len}: raise it to at least "
                                f"{math.ceil(needed / GiB * 100) / 100} or lower --max-model-len")
         return chosen
+    if on_gpu:
+        return None
     wanted = per_token * max(4 * max_model_len, DEFAULT_KV_TOKENS)
     cap = available_memory() // 4
     chosen = max(min(wanted, cap), needed)
@@ -322,6 +342,28 @@ def check_memory(engine: str, spec: ModelSpec, drafter: ModelSpec | None, kv_byt
                            f"({kv_bytes / GiB:.2f} GiB) and the engine (~{ENGINE_OVERHEAD[engine] / GiB:.1f} GiB) "
                            f"need {need / GiB:.1f} GiB but {available / GiB:.1f} GiB is free: lower --kv-cache-gib "
                            "or --max-model-len, or stop other processes")
+
+
+def check_gpu_memory(config: ServerConfig, spec: ModelSpec, drafter: ModelSpec | None, kv_bytes: int | None,
+                     max_model_len: int, scale: ScaleOut, gpus: list[tuple[int, int]]) -> None:
+    """Each GPU holds 1/(TP x PP) of the weights and of the KV cache (at least one context): found here, not after
+    minutes of loading as a CUDA out-of-memory traceback in a worker."""
+    from models.checkpoint import count_parameters
+
+    workers = scale.workers_per_replica
+    used = gpus[:workers * scale.data_parallel_size]
+    weights = served_dtype_bytes(config, spec) * sum(count_parameters(m.checkpoint_dir) for m in (spec, drafter) if m)
+    kv = kv_bytes if kv_bytes is not None else kv_token_bytes(config, spec, drafter) * max_model_len
+    free = min(f for f, _ in used)
+    # An explicit cache is allocated as asked; otherwise vLLM keeps to 90% of the GPU and needs that much free.
+    budget = free if kv_bytes is not None else min(free, int(GPU_MEMORY_UTILIZATION * min(t for _, t in used)))
+    need = (weights + kv) // workers
+    if need > budget:
+        what = "the KV cache" if kv_bytes is not None else "one context of KV cache"
+        raise StartupError(f"not enough GPU memory: the weights ({weights / GiB:.2f} GiB) and {what} "
+                           f"({kv / GiB:.2f} GiB) over {workers} GPU(s) need {need / GiB:.1f} GiB each but "
+                           f"{budget / GiB:.1f} GiB is usable: raise --tensor-parallel-size, lower --max-model-len "
+                           "or --kv-cache-gib, or free the GPU")
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -70,7 +70,9 @@ class ScaleOut:
 class VLLMSettings:
     max_model_len: int  # context length in tokens
     dtype: str
-    kv_cache_bytes: int  # per worker; explicit: vLLM's own default on CPU reserves most of the machine's memory
+    # per worker; explicit on CPU (vLLM's own default there reserves most of the machine's memory); None on a GPU
+    # without --kv-cache-gib: vLLM profiles the model and fills its gpu_memory_utilization
+    kv_cache_bytes: int | None
     enforce_eager: bool = False  # True skips torch.compile: faster start, slower steps
     max_num_seqs: int | None = None  # None: vLLM's default for the platform
     seed: int = 0

@@ -131,3 +131,33 @@ def test_container_limits_bound_memory_and_cores(tmp_path: Path) -> None:
     assert usable_cores(tmp_path) == min(2, cores)
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert usable_cores(tmp_path) == cores
+
+
+def test_gpu_memory_is_checked_per_gpu(tiny_mistral: ModelSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the host's memory says nothing: vLLM sizes the cache from the GPU, and weights + cache over
+    TP x PP GPUs must fit each one's free memory. No GPU here: torch.cuda's answers are the boundary faked (the real
+    CPU path is test_bad_configuration_is_one_line's `not enough memory`)."""
+    import torch
+
+    from serve.startup import prepare_engine
+
+    def gpus(count: int, free_gib: float, total_gib: float = 80.0) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (int(free_gib * 2**30), int(total_gib * 2**30)))
+
+    def engine(*args: str) -> VLLMEngine:
+        return prepare_engine(parse_config(["--model", "tiny-mistral", "--engine", "vllm", *args]))
+
+    gpus(2, free_gib=79)
+    assert engine().settings.kv_cache_bytes is None  # vLLM profiles and fills 90% of the GPU
+    assert engine("-tp", "2", "--kv-cache-gib", "3").settings.kv_cache_bytes == 3 << 29  # per worker
+    assert engine("--kv-cache-gib", "60").settings.kv_cache_bytes == 60 << 30  # more than the host has: a GPU's
+    with pytest.raises(StartupError, match=r"not enough GPU memory: .* over 1 GPU\(s\) need 90.1 GiB each but 79.0"):
+        engine("--kv-cache-gib", "90")
+    assert engine("-tp", "2", "--kv-cache-gib", "90").settings.kv_cache_bytes == 45 << 30  # half on each
+    gpus(1, free_gib=0.001)
+    with pytest.raises(StartupError, match="one context of KV cache"):
+        engine()
+    with pytest.raises(StartupError, match="this node has 1"):
+        engine("-tp", "2")
