@@ -4,10 +4,11 @@ recipe's settings, printed by `python -m distill cascade RECIPE --dry-run [--gpu
 
 Memory follows what our trainer holds (distill/train.py, distill/common.py::shard): the student in fp32 with fp32
 gradients and AdamW's two moments, all sharded over the GPUs; the frozen teacher in fp32 (as load_model loads it),
-sharded; each FSDP unit (a decoder layer) gathered whole while it runs, the next one prefetched; the root module
-(embeddings, final norm, head) kept gathered through the step (reshard_after_forward=False); bf16 activations,
-which FSDP does not shard; the loss's logit chunks in fp32. Activation sizes are estimates (+-30%): the tensors
-autograd keeps per token and layer for a Llama/Mistral block under bf16 autocast with SDPA (no [T, T] scores).
+sharded; each FSDP unit (a decoder layer) gathered whole while it runs, the next one prefetched; an untied input
+embedding its own unit, gathered only for its lookup and gradient (not at the activation peak); the root module
+(head, final norm; a tied embedding is the head) kept gathered through the step (reshard_after_forward=False); bf16
+activations, which FSDP does not shard; the loss's logit chunks in fp32. Activation sizes are estimates (+-30%): the
+tensors autograd keeps per token and layer for a Llama/Mistral block under bf16 autocast with SDPA (no [T, T] scores).
 
 Compute counts model FLOPs as torchtitan's MFU does (6 x params per trained token for the student, 2 x params per
 token for the teacher's forward, plus causal attention), and converts them to GPU-hours at an assumed model-FLOPs
@@ -75,6 +76,11 @@ def flops_per_token(arch: Architecture, seq_len: int, train: bool) -> float:
     return (3 if train else 1) * (2 * arch.params + attention)
 
 
+def root_params(arch: Architecture) -> int:
+    """What distill.common.shard's root keeps gathered: the head and final norm (tied, the embedding is the head)."""
+    return arch.vocab_size * arch.hidden_size + arch.hidden_size
+
+
 def memory_per_gpu(student: Architecture, teacher: Architecture | None, gpus: int, micro_batch: int, seq_len: int,
                    activation_checkpointing: bool, chunk_tokens: int) -> dict[str, float]:
     tokens = micro_batch * seq_len
@@ -85,14 +91,14 @@ def memory_per_gpu(student: Architecture, teacher: Architecture | None, gpus: in
         activations = student.num_hidden_layers * per_layer
     memory = {
         "student states": 16 * student.params / gpus,  # fp32 weights + fp32 grads + AdamW m and v
-        # the running and the prefetched layer, and FSDP2's root unit in our sharding (embeddings, head, final norm)
-        "gathered units": 4 * (2 * student.layer_params + student.outer_params),
+        # the running and the prefetched layer, and FSDP2's root unit in our sharding
+        "gathered units": 4 * (2 * student.layer_params + root_params(student)),
         "activations": activations,
         "logits": 3 * 4 * min(chunk_tokens, tokens) * student.vocab_size,  # student, teacher, gradient: one chunk
     }
     if teacher is not None:
         memory["teacher"] = 4 * teacher.params / gpus
-        memory["gathered units"] += 4 * (2 * teacher.layer_params + teacher.outer_params)
+        memory["gathered units"] += 4 * (2 * teacher.layer_params + root_params(teacher))
     return {k: v / GiB for k, v in memory.items()}
 
 

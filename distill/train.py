@@ -85,7 +85,7 @@ class Trainer:
         self.evaluator = Evaluator(config.eval, val_data, config.batch_size, teacher, config.precision, self.device,
                                    getattr(self.objective, "validation", None))
         if self.world > 1:
-            shard(self.student, lm)
+            log.info("FSDP2 over %d ranks; the student's units: %s", self.world, ", ".join(shard(self.student, lm)))
 
         # optimizer, checkpoints, log
         self.optimizer = build_optimizer(self.student, config.optim)

@@ -223,10 +223,13 @@ def test_bad_train_config_is_one_line(micro, tmp_path):
     assert proc.returncode == 2 and "learning_rate" in err and "Traceback" not in err
 
 
-def test_two_gloo_processes_with_fsdp2_match_one_process(micro, tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_two_gloo_processes_with_fsdp2_match_one_process(micro, tmp_path, tied):
     """2 ranks x batch 2 read the same rows per step as 1 rank x batch 2 x 2 accumulation steps. The FSDP run uses
     the fused loss (its head gradient made in the forward must reach the sharded head), the single one the
-    chunked loss."""
+    chunked loss. Untied, the embedding is an FSDP unit of its own (gathered for its lookup and gradient only)."""
+    if not tied:
+        micro = micro_pair(tmp_path / "untied", tied=False)
     single = _write(_config(micro, tmp_path / "single", batch_size=2, grad_accum=2, tokens=32 * 4 * 12,
                             checkpoint={"every": 6}), tmp_path / "single.yaml")
     fsdp = _write(_config(micro, tmp_path / "fsdp", batch_size=2, grad_accum=1, tokens=32 * 4 * 12,
@@ -238,6 +241,8 @@ def test_two_gloo_processes_with_fsdp2_match_one_process(micro, tmp_path):
     two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "distill", "train", str(fsdp)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    units = "2 layers, the embedding, the root" if not tied else "2 layers, the root"
+    assert f"FSDP2 over 2 ranks; the student's units: {units}" in two.stderr, two.stderr[-3000:]
     a = read_metrics(tmp_path / "single" / "metrics.jsonl")
     b = read_metrics(tmp_path / "fsdp" / "metrics.jsonl")
     assert len(a) == len(b) == 13

@@ -128,8 +128,12 @@ def test_packing_keeps_conversations_whole_and_apart():
 
 @pytest.fixture(scope="module")
 def micro_chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _micro_chat(tmp_path_factory.mktemp("sft"))
+
+
+def _micro_chat(base: Path, **overrides: object) -> dict[str, Path]:
     """Micro teacher and student with a chat template, and arithmetic conversations of uneven answer lengths."""
-    micro = chat_micro_pair(tmp_path_factory.mktemp("sft"))
+    micro = chat_micro_pair(base, **overrides)
     lines = []
     for n, p in enumerate(problems("train") + problems("heldout")):
         answer = str(p.answer) if n % 3 else f"{p.a} {p.op} {p.b} is {p.answer}."
@@ -296,9 +300,13 @@ close_distributed()
 
 
 @pytest.mark.usefixtures("sft_home")
-def test_two_fsdp2_ranks_give_the_one_process_gradient(micro_chat, tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_two_fsdp2_ranks_give_the_one_process_gradient(micro_chat, tmp_path, tied):
     """2 ranks x batch 2 read the rows of 1 process x 2 micro-batches of 2, with different answer tokens per rank:
-    the gradient is the same sum over the step's tokens divided by their total (FSDP2's mean over ranks undone)."""
+    the gradient is the same sum over the step's tokens divided by their total (FSDP2's mean over ranks undone).
+    Untied, the input embedding is an FSDP unit of its own: its gradient too must be the one process's."""
+    if not tied:
+        micro_chat = _micro_chat(tmp_path / "untied", tied=False)
     single = Trainer(_config(micro_chat, tmp_path / "one", batch_size=2, grad_accum=2), progress=False)
     single._forward_backward()
     config = _config(micro_chat, tmp_path / "two", batch_size=2, grad_accum=1)
@@ -311,6 +319,7 @@ def test_two_fsdp2_ranks_give_the_one_process_gradient(micro_chat, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     grads = torch.load(tmp_path / "grads.pt")
+    assert ("lm.lm_head.weight" in grads) is not tied
     for name, p in single.student.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
