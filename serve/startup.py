@@ -297,7 +297,7 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def served_dtype_bytes(config: ServerConfig, spec: ModelSpec) -> int:
-    """Bytes per weight and KV element as served: llama.cpp keeps K and V in f16."""
+    """Bytes per element as served: vLLM's dtype (weights and KV cache); llama.cpp keeps its KV cache in f16."""
     return 2 if config.engine == "llamacpp" else _DTYPE_BYTES[config.dtype or spec.dtype]
 
 
