@@ -365,6 +365,8 @@ def _open_stream(server: RunningServer, stop: threading.Event, started: threadin
 
 def test_disconnect_aborts_generation(server: RunningServer) -> None:
     aborted = metric(server, "cascade_requests_aborted_total")
+    engine_counter = {"vllm": "vllm:generation_tokens_total", "llamacpp": "llamacpp:tokens_predicted_total"}
+    tokens_at_start = metric(server, engine_counter[server.engine])
     stop, started = threading.Event(), threading.Event()
     t = threading.Thread(target=_open_stream, args=(server, stop, started))
     t.start()
@@ -375,11 +377,17 @@ def test_disconnect_aborts_generation(server: RunningServer) -> None:
     while metric(server, "cascade_requests_aborted_total") == aborted and time.monotonic() < deadline:
         time.sleep(0.2)
     assert metric(server, "cascade_requests_aborted_total") == aborted + 1
-    # The engine itself stopped: no more tokens are generated (1500 would take ~40 s).
-    engine_counter = {"vllm": "vllm:generation_tokens_total", "llamacpp": "llamacpp:tokens_predicted_total"}
+    # The engine itself stopped: its slot is released and no more tokens are generated (1500 would take ~40 s).
+    # llama.cpp adds a request's tokens to its counter when the slot is released, so wait for the release first:
+    # reading the counter before it raced the cancellation (CI saw 311 -> 316).
+    engine_running = {"vllm": "vllm:num_requests_running", "llamacpp": "llamacpp:requests_processing"}[server.engine]
+    while metric(server, engine_running) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(server, engine_running) == 0
     before = metric(server, engine_counter[server.engine])
     time.sleep(2)
     assert metric(server, engine_counter[server.engine]) == before
+    assert before - tokens_at_start < LONG["max_tokens"]
     assert metric(server, "cascade_requests_running") == 0
 
 
