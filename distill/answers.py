@@ -115,15 +115,20 @@ def _auth(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def served_model(base_url: str, api_key: str | None) -> str:
-    """The one model a server serves (`/v1/models`); also checks that the endpoint is reachable."""
+def served_models(base_url: str, api_key: str | None) -> list[str]:
+    """The models a server serves (`/v1/models`); also checks that the endpoint is reachable."""
     try:
         r = httpx.get(f"{base_url}/v1/models", headers=_auth(api_key), timeout=30)
     except httpx.HTTPError as e:
         raise EndpointError(f"cannot reach {base_url}: {e}") from e
     if r.status_code != 200:
         raise EndpointError(f"{base_url}/v1/models answered {r.status_code}: {r.text[:200]}")
-    return r.json()["data"][0]["id"]
+    return [m["id"] for m in r.json()["data"]]
+
+
+def served_model(base_url: str, api_key: str | None) -> str:
+    """The one model a server serves."""
+    return served_models(base_url, api_key)[0]
 
 
 def write_answers(prompts_path: Path, out: Path, base_url: str, api_key: str | None = None,

@@ -205,7 +205,8 @@ def describe_plan(recipe: Recipe, parent: str, plans: list[StagePlan], cluster: 
                 plans[0].source if plan.stage.teacher == "parent" else plan.source)
             needs.append(stage_needs(plan.target, teacher, plan.stage.tokens, recipe.data.seq_len,
                                      recipe.train.batch_size, recipe.train.activation_checkpointing,
-                                     recipe.train.loss.chunk_tokens, cluster))
+                                     recipe.train.loss.chunk_tokens, cluster,
+                                     teacher_bytes=4 if recipe.train.teacher_dtype == "float32" else 2))
             lines += describe_needs(needs[-1], plan.stage.tokens, cluster)
     if needs:
         least = [n.min_gpus for n in needs]

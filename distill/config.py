@@ -22,6 +22,7 @@ from distill.losses import LossConfig
 from distill.media_data import MediaDataConfig
 from distill.pair_data import PairDataConfig
 from distill.rl.rewards import RewardTerm
+from distill.served_teacher import MAX_SERVED_TOP_K, TeacherServerConfig
 
 
 def data_format(value: Any) -> str:
@@ -162,8 +163,18 @@ class TrainSettings(BaseModel):
     grpo: GRPOConfig = GRPOConfig()
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight "
                                       "(distill/components/lora.py); the export holds the adapter and the merged model")
+    teacher_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the live teacher's weights (KD, GRPO's KD term, online preference labels, KL in "
+                               "evaluation): bfloat16 halves its memory, as vLLM serves it (its hidden states "
+                               "then carry bf16 rounding; logits and losses stay fp32); float32 keeps its logits "
+                               "those of its checkpoint. Preference and KL references stay fp32: their log-ratio "
+                               "to the policy must start at 0")
     teacher_top_k: int | None = Field(None, ge=1, description="distill from a cache of the teacher's top-k log-probs "
                                       "+ a tail bucket (computed once, reused across runs) instead of running it")
+    teacher_server: TeacherServerConfig | None = Field(
+        None, description="fill the teacher_top_k cache from a served teacher (vLLM; distill/served_teacher.py: "
+                          "url, model, api_key_env, concurrency) instead of running the checkpoint here; `teacher` "
+                          "then only tokenizes the data and checks the tokenizer. k <= 20, loss.temperature 1")
     fused_loss: Literal["auto", "on", "off"] = Field(
         "auto", description="the fused linear distillation loss (kernels/distill_loss.py: gradients made chunk by "
                             "chunk in the forward, no recomputed logits; Triton on GPU, torch rows on CPU); auto: on "
@@ -199,6 +210,21 @@ class TrainSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _served_teacher(self) -> TrainSettings:
+        if self.teacher_server is None:
+            return self
+        if self.teacher_top_k is None:
+            raise ValueError("teacher_server fills the cache of the teacher's top-k log-probs: set teacher_top_k "
+                             f"(<= {MAX_SERVED_TOP_K})")
+        if self.teacher_top_k > MAX_SERVED_TOP_K:
+            raise ValueError(f"teacher_top_k {self.teacher_top_k} > {MAX_SERVED_TOP_K}: a served teacher gives at "
+                             f"most {MAX_SERVED_TOP_K} log-probs a token")
+        if self.loss.temperature != 1.0:
+            raise ValueError(f"loss.temperature {self.loss.temperature}: a served teacher's log-probs are its raw "
+                             "distribution (temperature 1); its top-k cannot be re-tempered")
+        return self
+
+    @model_validator(mode="after")
     def _on_policy(self) -> TrainSettings:
         if self.objective != "gkd":
             return self
@@ -215,7 +241,8 @@ class TrainSettings(BaseModel):
 class TrainConfig(TrainSettings):
     student: str = Field(description="checkpoint directory (or registry name) the student starts from")
     teacher: str | None = Field(None, description="teacher checkpoint; None trains with cross-entropy only")
-    eval_teacher: str | None = Field(None, description="teacher for KL-to-teacher in evaluation (default: teacher)")
+    eval_teacher: str | None = Field(None, description="teacher for KL-to-teacher in evaluation (default: teacher, "
+                                      "unless teacher_server: then none)")
     out_dir: str
     data: Annotated[Annotated[DataConfig, Tag("text")] | Annotated[ChatDataConfig, Tag("chat")]
                     | Annotated[PairDataConfig, Tag("pairs")] | Annotated[MediaDataConfig, Tag("media")],

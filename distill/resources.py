@@ -3,12 +3,13 @@ GPU-hours, and what serving the teacher separately changes. Arithmetic from the 
 recipe's settings, printed by `python -m distill cascade RECIPE --dry-run [--gpus N]`; nothing here runs a model.
 
 Memory follows what our trainer holds (distill/train.py, distill/common.py::shard): the student in fp32 with fp32
-gradients and AdamW's two moments, all sharded over the GPUs; the frozen teacher in fp32 (as load_model loads it),
-sharded; each FSDP unit (a decoder layer) gathered whole while it runs, the next one prefetched; an untied input
-embedding its own unit, gathered only for its lookup and gradient (not at the activation peak); the root module
-(head, final norm; a tied embedding is the head) kept gathered through the step (reshard_after_forward=False); bf16
-activations, which FSDP does not shard; the loss's logit chunks in fp32. Activation sizes are estimates (+-30%): the
-tensors autograd keeps per token and layer for a Llama/Mistral block under bf16 autocast with SDPA (no [T, T] scores).
+gradients and AdamW's two moments, all sharded over the GPUs; the frozen teacher in `train.teacher_dtype` (fp32 by
+default, as load_model loads it; bf16 halves it and its gathered units), sharded; each FSDP unit (a decoder layer)
+gathered whole while it runs, the next one prefetched; an untied input embedding its own unit, gathered only for
+its lookup and gradient (not at the activation peak); the root module (head, final norm; a tied embedding is the
+head) kept gathered through the step (reshard_after_forward=False); bf16 activations, which FSDP does not shard;
+the loss's logit chunks in fp32. Activation sizes are estimates (+-30%): the tensors autograd keeps per token and
+layer for a Llama/Mistral block under bf16 autocast with SDPA (no [T, T] scores).
 
 Compute counts model FLOPs as torchtitan's MFU does (6 x params per trained token for the student, 2 x params per
 token for the teacher's forward, plus causal attention), and converts them to GPU-hours at an assumed model-FLOPs
@@ -55,6 +56,7 @@ class StageNeeds:
     teacher_flops: float  # per trained token (0 with a cached teacher)
     gpu_hours: float
     teacher_gpu_hours: float  # the teacher's share, what a separate deployment would run instead
+    teacher_gib: float  # GiB/GPU the teacher holds here (its shards and its gathered units)
 
     @property
     def total_gib(self) -> float:
@@ -82,7 +84,8 @@ def root_params(arch: Architecture) -> int:
 
 
 def memory_per_gpu(student: Architecture, teacher: Architecture | None, gpus: int, micro_batch: int, seq_len: int,
-                   activation_checkpointing: bool, chunk_tokens: int) -> dict[str, float]:
+                   activation_checkpointing: bool, chunk_tokens: int, teacher_bytes: int = 4) -> dict[str, float]:
+    """GiB per GPU by holder; `teacher_bytes` per teacher weight (4: fp32, 2: bf16)."""
     tokens = micro_batch * seq_len
     per_layer = activation_bytes_per_token_layer(student) * tokens
     if activation_checkpointing:  # every layer's input, plus one layer recomputed at a time
@@ -97,32 +100,36 @@ def memory_per_gpu(student: Architecture, teacher: Architecture | None, gpus: in
         "logits": 3 * 4 * min(chunk_tokens, tokens) * student.vocab_size,  # student, teacher, gradient: one chunk
     }
     if teacher is not None:
-        memory["teacher"] = 4 * teacher.params / gpus
-        memory["gathered units"] += 4 * (2 * teacher.layer_params + root_params(teacher))
+        memory["teacher"] = teacher_bytes * teacher.params / gpus
+        memory["gathered units"] += teacher_bytes * (2 * teacher.layer_params + root_params(teacher))
     return {k: v / GiB for k, v in memory.items()}
 
 
 def stage_needs(student: Architecture, teacher: Architecture | None, tokens: int, seq_len: int, micro_batch: int,
-                activation_checkpointing: bool, chunk_tokens: int, cluster: ClusterConfig) -> StageNeeds:
+                activation_checkpointing: bool, chunk_tokens: int, cluster: ClusterConfig,
+                teacher_bytes: int = 4) -> StageNeeds:
     """`teacher` None: a cached teacher (top-k from disk), no forward of it during training."""
 
     def fits(gpus: int) -> bool:
-        memory = memory_per_gpu(student, teacher, gpus, micro_batch, seq_len, activation_checkpointing, chunk_tokens)
+        memory = memory_per_gpu(student, teacher, gpus, micro_batch, seq_len, activation_checkpointing, chunk_tokens,
+                                teacher_bytes)
         return sum(memory.values()) <= cluster.usable_memory * cluster.gpu_memory_gib
 
     memory = memory_per_gpu(student, teacher, cluster.gpus, micro_batch, seq_len, activation_checkpointing,
-                            chunk_tokens)
+                            chunk_tokens, teacher_bytes)
     counts = [n for n in (1, 2, 4) if n < cluster.gpus_per_node]
     counts += [cluster.gpus_per_node * 2 ** i for i in range(14)]  # then whole nodes, doubling
     min_gpus = next((n for n in counts if fits(n)), None)
     student_flops = flops_per_token(student, seq_len, train=True)
     recompute = 2 * student.params if activation_checkpointing else 0.0  # not model FLOPs: extra time
     teacher_flops = flops_per_token(teacher, seq_len, train=False) if teacher is not None else 0.0
+    alone = memory_per_gpu(student, None, cluster.gpus, micro_batch, seq_len, activation_checkpointing, chunk_tokens)
     per_gpu_s = cluster.peak_tflops * 1e12 * cluster.mfu
     return StageNeeds(memory=memory, fits=fits(cluster.gpus), min_gpus=min_gpus, student_flops=student_flops,
                       teacher_flops=teacher_flops,
                       gpu_hours=tokens * (student_flops + recompute + teacher_flops) / per_gpu_s / 3600,
-                      teacher_gpu_hours=tokens * teacher_flops / per_gpu_s / 3600)
+                      teacher_gpu_hours=tokens * teacher_flops / per_gpu_s / 3600,
+                      teacher_gib=sum(memory.values()) - sum(alone.values()))
 
 
 def describe_needs(needs: StageNeeds, tokens: int, cluster: ClusterConfig) -> list[str]:
@@ -143,7 +150,7 @@ def describe_needs(needs: StageNeeds, tokens: int, cluster: ClusterConfig) -> li
         rate = tokens / (needs.gpu_hours * 3600) * cluster.gpus  # trained tokens per second at this plan
         lines.append(
             f"    teacher served apart (vLLM, top-{cluster.teacher_top_k} log-probs): frees "
-            f"{needs.memory['teacher']:.1f} GiB/GPU of shards here, moves {share:.0%} of the compute "
+            f"{needs.teacher_gib:.1f} GiB/GPU here (its shards and gathered layers), moves {share:.0%} of the compute "
             f"({needs.teacher_gpu_hours:,.0f} GPU-hours) to its own deployment, and needs "
             f"{rate * bytes_per_token(cluster.teacher_top_k) / 1e9:.2f} GB/s of log-probs at this speed (cached "
             f"offline instead: {tokens * bytes_per_token(cluster.teacher_top_k) / 1e12:,.1f} TB on disk)")

@@ -77,10 +77,12 @@ class Trainer:
         self.objective = OBJECTIVES[config.objective](config, self.student, self.train_rows, self.sampler,
                                                       self.total_steps, self.device, progress)
         log.info("objective: %s; attention: %s", self.objective.describe(), config.attention)
-        eval_teacher = config.eval_teacher or config.teacher
+        # a served teacher is not loaded here for evaluation either (val_kl then needs an explicit eval_teacher)
+        eval_teacher = config.eval_teacher or (config.teacher if config.teacher_server is None else None)
         reuse = eval_teacher == config.teacher and self.objective.teacher is not None
         teacher = (self.objective.teacher if reuse else load_teacher(
-            Path(eval_teacher), Path(config.student), lm.config.vocab_size, config.attention, self.device)
+            Path(eval_teacher), Path(config.student), lm.config.vocab_size, config.attention, self.device,
+            config.teacher_dtype)
             if eval_teacher else None)
         self.evaluator = Evaluator(config.eval, val_data, config.batch_size, teacher, config.precision, self.device,
                                    getattr(self.objective, "validation", None))

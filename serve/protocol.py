@@ -346,6 +346,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     suffix: None = None  # insertion is not supported: any value is a 400
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM's extension: logprobs name tokens "
+                                             "\"token_id:N\" (unambiguous ids, for distillation clients)")
     best_of: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")

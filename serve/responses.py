@@ -47,15 +47,21 @@ def chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
                         for t in items]}
 
 
-def completion_logprobs(items: list[TokenLogprob | None], offset: int) -> dict[str, Any]:
+def token_name(token_id: int, text: str, as_ids: bool) -> str:
+    """A token as the client asked for it: its text, or vLLM's "token_id:N" (`return_tokens_as_token_ids`), which
+    stays unambiguous where several ids decode to the same text (a distillation client needs the ids)."""
+    return f"token_id:{token_id}" if as_ids else text
+
+
+def completion_logprobs(items: list[TokenLogprob | None], offset: int, as_ids: bool = False) -> dict[str, Any]:
     """OpenAI's legacy shape: parallel lists of tokens, logprobs, top alternatives and text offsets."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for t in items:
         if t is None:  # first prompt token: nothing to condition on
             continue
-        tokens.append(t.token)
+        tokens.append(token_name(t.token_id, t.token, as_ids))
         token_logprobs.append(t.logprob)
-        top_logprobs.append({s: lp for _, s, lp in t.top})
+        top_logprobs.append({token_name(i, s, as_ids): lp for i, s, lp in t.top})
         text_offset.append(offset)
         offset += len(t.token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
@@ -63,12 +69,13 @@ def completion_logprobs(items: list[TokenLogprob | None], offset: int) -> dict[s
 
 
 def echo_logprobs(prompt_ids: list[int], prompt_lp: list[TokenLogprob | None] | None,
-                  decode: Callable[[list[int]], str]) -> dict[str, Any]:
+                  decode: Callable[[list[int]], str], as_ids: bool = False) -> dict[str, Any]:
     """Prompt tokens in OpenAI's legacy shape, where the first token's logprob is null."""
     first = decode(prompt_ids[:1])
-    rest = completion_logprobs(prompt_lp or [], len(first))
-    return {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
-            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+    rest = completion_logprobs(prompt_lp or [], len(first), as_ids)
+    return {"tokens": [token_name(prompt_ids[0], first, as_ids)] + rest["tokens"],
+            "token_logprobs": [None] + rest["token_logprobs"], "top_logprobs": [None] + rest["top_logprobs"],
+            "text_offset": [0] + rest["text_offset"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,9 +233,10 @@ async def completion_full(streams: list[AsyncIterator[EngineOutput]], shape: Com
         for j, s in enumerate(per_prompt):
             lp = None
             if req.logprobs is not None:
-                lp = completion_logprobs(list(s.logprobs), len(prefix))
+                lp = completion_logprobs(list(s.logprobs), len(prefix), req.return_tokens_as_token_ids)
                 if req.echo:
-                    echo = echo_logprobs(shape.prompt_ids[i], prompt_lp[i], shape.decode)
+                    echo = echo_logprobs(shape.prompt_ids[i], prompt_lp[i], shape.decode,
+                                         req.return_tokens_as_token_ids)
                     lp = {k: echo[k] + lp[k] for k in lp}
             choices.append(completion_choice(i * req.n + j, prefix + s.text, lp, s.finish_reason))
     completion_tokens = sum(s.num_tokens for per_prompt in states for s in per_prompt)
@@ -257,7 +265,7 @@ async def completion_stream(streams: list[AsyncIterator[EngineOutput]], shape: C
                 continue
             lp = None
             if req.logprobs is not None and c.logprobs:
-                lp = completion_logprobs(list(c.logprobs), offsets[i][c.index])
+                lp = completion_logprobs(list(c.logprobs), offsets[i][c.index], req.return_tokens_as_token_ids)
             offsets[i][c.index] += len(c.text)
             finish = engine_finish_reason(c.finish_reason) if c.finish_reason else None
             yield sse(base | {"choices": [completion_choice(i * req.n + c.index, c.text, lp, finish)]})

@@ -266,10 +266,12 @@ def test_every_trainer_setting_is_reachable_from_a_recipe(parent, tmp_path):
     run_only = {"student", "teacher", "eval_teacher", "out_dir", "data", "tokens", "random_init", "seed"}
     assert set(TrainConfig.model_fields) - set(TrainSettings.model_fields) == run_only
     settings = {"objective": "kd", "batch_size": 2, "grad_accum": 3, "precision": "float32",
-                "loss": {"divergence": "jsd", "beta": 0.3, "temperature": 2.0, "ce_weight": 0.5, "chunk_tokens": 64},
+                "loss": {"divergence": "jsd", "beta": 0.3, "temperature": 1.0, "ce_weight": 0.5, "chunk_tokens": 64},
                 "optim": {"lr": 1e-3, "min_lr_ratio": 0.2, "warmup_fraction": 0.1, "weight_decay": 0.0,
                           "betas": [0.8, 0.9], "grad_clip": 0.5},
                 "eval": {"every": 7}, "checkpoint": {"every": 4, "keep": 3, "format": "sharded"}, "teacher_top_k": 16,
+                "teacher_dtype": "bfloat16", "teacher_server": {"url": "http://teacher:8000", "model": "t",
+                                                                "api_key_env": "K", "concurrency": 2, "timeout_s": 30},
                 "fused_loss": "off", "attention": "sdpa", "train_only": "all", "activation_checkpointing": True,
                 "on_policy": {"mix": 0.5, "prompt_tokens": 8, "new_tokens": 8, "temperature": 0.7, "sync_every": 2,
                               "kv_cache_gib": 0.5, "probe_tolerance": 0.01},
@@ -284,6 +286,7 @@ def test_every_trainer_setting_is_reachable_from_a_recipe(parent, tmp_path):
     dumped = run.model_dump(mode="json")
     assert {k: dumped[k] for k in settings} == TrainSettings.model_validate(settings).model_dump(mode="json")
     assert run.checkpoint.keep == 3 and run.teacher_top_k == 16 and run.loss.divergence == "jsd"
+    assert run.teacher_server.url == "http://teacher:8000" and run.teacher_dtype == "bfloat16"
     assert run.on_policy.mix == 0.5 and run.on_policy.sync_every == 2
 
 

@@ -38,6 +38,12 @@ def test_sharded_states_and_teacher_shrink_with_gpus_the_rest_does_not() -> None
     off = memory_per_gpu(LLAMA_3_1_8B, None, 8, 1, 8192, False, 512)
     assert eight["activations"] * GiB < off["activations"] * GiB / 5
     assert "teacher" not in off  # a cached teacher holds no weights here
+    # a bf16 teacher (train.teacher_dtype) halves its shards and its share of the gathered units
+    bf16 = memory_per_gpu(LLAMA_3_1_8B, SMALL_24B, 8, 1, 8192, True, 512, teacher_bytes=2)
+    assert bf16["teacher"] == pytest.approx(eight["teacher"] / 2)
+    assert bf16["gathered units"] * GiB == pytest.approx(
+        4 * (2 * LLAMA_3_1_8B.layer_params + root[0]) + 2 * (2 * SMALL_24B.layer_params + root[1]))
+    assert bf16["student states"] == eight["student states"] and bf16["activations"] == eight["activations"]
 
 
 def test_flops_match_torchtitans_published_mfu() -> None:
@@ -60,6 +66,10 @@ def test_fewest_gpus_and_gpu_hours() -> None:
     assert needs.gpu_hours == pytest.approx(10**12 * per_token / (989e12 * 0.35) / 3600)
     assert needs.teacher_gpu_hours / needs.gpu_hours == pytest.approx(
         flops_per_token(SMALL_24B, 16384, False) / per_token)
+    # what serving the teacher apart frees here: its shards and its gathered units
+    alone = memory_per_gpu(LLAMA_3_1_8B, None, 64, 1, 16384, True, 512)
+    assert needs.teacher_gib == pytest.approx(needs.total_gib - sum(alone.values()))
+    assert needs.teacher_gib > needs.memory["teacher"]
     no_ac = stage_needs(LLAMA_3_1_8B, SMALL_24B, 10**12, 16384, 1, False, 512, cluster)
     assert no_ac.min_gpus is None and not no_ac.fits  # 16k tokens of every layer's activations: no count helps
 
@@ -79,6 +89,8 @@ def test_the_real_size_recipe_plans_ministral_3_shapes_and_their_gpus(tmp_path: 
     assert "stage 2 ministral-3-8b: 34 layers, hidden 4096, FFN 14336" in out and "8489.6M params" in out
     assert out.count("FSDP2 on 64 x H100 SXM 80GB") == 3 and "GPU-hours at 35% MFU of 989 TFLOPS" in out
     assert "teacher served apart" in out and "needs: at least 8 GPUs" in out
+    # the recipe holds its 24B teacher in bf16: 0.7 GiB of shards per GPU of 64, not fp32's 1.4
+    assert out.count("teacher 0.7)") == 3 and "its shards and gathered layers" in out
     four = _dry_run(RECIPE, "--gpus", "4")
     assert "FSDP2 on 4 x H100 SXM 80GB" in four and "DOES NOT FIT" in four
     # the same recipe without activation checkpointing: the planner says no GPU count helps, and why

@@ -77,9 +77,9 @@ def set_attention(model: nn.Module, attention: Literal["sdpa", "cascade"], on: t
 
 
 def load_teacher(path: Path, student: Path, student_vocab: int, attention: Literal["sdpa", "cascade"],
-                 on: torch.device) -> Teacher:
-    """A frozen teacher on `on`, checked to share the student's tokenizer, sharded when ranks exist."""
-    teacher = Teacher(set_attention(load_model(path).to(on), attention, on))
+                 on: torch.device, dtype: Literal["float32", "bfloat16"] = "float32") -> Teacher:
+    """A frozen teacher on `on` in `dtype`, checked to share the student's tokenizer, sharded when ranks exist."""
+    teacher = Teacher(set_attention(load_model(path).to(on, getattr(torch, dtype)), attention, on))
     check_same_tokenizer(student, path, shared_vocab(student_vocab, teacher.lm.config.vocab_size))
     if world()[1] > 1:
         shard(teacher, teacher.lm)

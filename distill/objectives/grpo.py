@@ -122,7 +122,7 @@ class GroupPolicyOptimisation:
         self.teacher: Teacher | None = None
         if self.settings.kd_weight > 0:
             self.teacher = load_teacher(Path(config.teacher), Path(config.student),  # type: ignore[arg-type]
-                                        student.lm.config.vocab_size, config.attention, on)
+                                        student.lm.config.vocab_size, config.attention, on, config.teacher_dtype)
         kl = self.settings.kl
         self.lora_reference = kl.beta > 0 and config.lora is not None and kl.reference is None
         self.reference: Teacher | None = None

@@ -14,7 +14,9 @@ from distill.config import FUSED_MIN_VOCAB, TrainConfig
 from distill.data import Batch, BatchSampler, cache_key
 from distill.losses import LossConfig, distill_loss
 from distill.model_io import check_same_tokenizer
-from distill.teacher_cache import TeacherCache, cache_dir, ensure_cache
+from distill.served_teacher import ServedTeacher
+from distill.served_teacher import identity as served_identity
+from distill.teacher_cache import TeacherCache, TopK, cache_dir, checkpoint_identity, ensure_cache, local_topk
 
 
 class Distillation:
@@ -34,7 +36,8 @@ class Distillation:
         if distilling and config.teacher_top_k:
             self.cache = _teacher_cache(config, vocab, train_rows, sampler.rows_read(total_steps), on, progress)
         elif distilling:
-            self.teacher = load_teacher(Path(config.teacher), Path(config.student), vocab, config.attention, on)
+            self.teacher = load_teacher(Path(config.teacher), Path(config.student), vocab, config.attention, on,
+                                        config.teacher_dtype)
 
     @staticmethod
     def loss_config(config: TrainConfig) -> LossConfig:
@@ -42,7 +45,8 @@ class Distillation:
         return config.loss
 
     def describe(self) -> str:
-        source = "cached top-k teacher" if self.cache else "live teacher" if self.teacher else "no teacher"
+        served = f" served at {self.config.teacher_server.url}" if self.config.teacher_server else ""
+        source = f"cached top-k teacher{served}" if self.cache else "live teacher" if self.teacher else "no teacher"
         return f"kd ({source}; {'fused linear' if self.fused else 'chunked (checkpointed)'} loss)"
 
     def __call__(self, student: Student, batch: Batch, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -69,13 +73,26 @@ class Distillation:
 
 def _teacher_cache(config: TrainConfig, vocab: int, train_rows: torch.Tensor, needed: list[int], on: torch.device,
                    progress: bool) -> TeacherCache:
-    """Build (rank 0) or reuse the teacher's top-k for exactly the rows this run will read."""
-    teacher = Path(config.teacher)  # type: ignore[arg-type]
+    """Build (rank 0) or reuse the teacher's top-k for exactly the rows this run will read: from the checkpoint run
+    here, or from `teacher_server` (the checkpoint directory then only tokenizes and checks the tokenizer)."""
+    teacher, k, temperature = Path(config.teacher), config.teacher_top_k, config.loss.temperature  # type: ignore[arg-type]
+    assert k is not None
     check_same_tokenizer(Path(config.student), teacher, vocab)
     data_key = cache_key(config.data, teacher)
+    served = config.teacher_server
+    who = served_identity(served) if served else checkpoint_identity(teacher)
+    folder = cache_dir(who, data_key, k, temperature, vocab)
     if is_rank0():
-        dtype = torch.bfloat16 if resolve_precision(config.precision, on) == "bfloat16" else None
-        ensure_cache(teacher, train_rows, needed, config.teacher_top_k, config.loss.temperature, vocab,  # type: ignore[arg-type]
-                     data_key, dtype, config.batch_size, progress)
+        about = {**who, "temperature": temperature, "vocab": vocab, "data": data_key}
+        if served:
+            def source() -> TopK:
+                return ServedTeacher(served, k, vocab).topk
+
+            ensure_cache(folder, train_rows, needed, source, about, max(config.batch_size, 4 * served.concurrency),
+                         progress)
+        else:
+            dtype = torch.bfloat16 if resolve_precision(config.precision, on) == "bfloat16" else None
+            ensure_cache(folder, train_rows, needed, lambda: local_topk(teacher, k, temperature, vocab, dtype), about,
+                         config.batch_size, progress)
     barrier()
-    return TeacherCache(cache_dir(teacher, data_key, config.teacher_top_k, config.loss.temperature, vocab))  # type: ignore[arg-type]
+    return TeacherCache(folder)

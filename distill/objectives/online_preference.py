@@ -42,7 +42,7 @@ class OnlinePreference(PreferenceOptimisation):
         self.tokenizer = load_tokenizer(get_model(config.data_model()))
         if self.online.labels == "teacher":
             self.teacher = load_teacher(Path(config.teacher), Path(config.student), student.lm.config.vocab_size,  # type: ignore[arg-type]
-                                        config.attention, on)
+                                        config.attention, on, config.teacher_dtype)
 
     def describe(self) -> str:
         o = self.online
