@@ -85,6 +85,15 @@ def _row_topk(body: dict, row: list[int], k: int, vocab: int) -> tuple[torch.Ten
     return ids, logprobs, tail
 
 
+def _retry_after(header: str | None, attempt: int) -> float:
+    """The server's Retry-After in seconds (an HTTP date counts as absent), else exponential; at most a minute."""
+    try:
+        wait = float(header) if header is not None else 2.0 ** attempt
+    except ValueError:
+        wait = 2.0 ** attempt
+    return min(max(wait, 0.0), 60.0)
+
+
 class ServedTeacher:
     """Top-k log-probs of training rows from a served teacher; `topk(rows)` has the shape of the local one."""
 
@@ -115,7 +124,7 @@ class ServedTeacher:
             if r.status_code == 200:
                 return r.json()
             if (r.status_code == 429 or r.status_code >= 500) and attempt < RETRIES:
-                time.sleep(float(r.headers.get("Retry-After", 2 ** attempt)))
+                time.sleep(_retry_after(r.headers.get("Retry-After"), attempt))
                 continue
             raise ServedTeacherError(f"the served teacher refused a row ({r.status_code}): {r.text[:500]}")
         raise AssertionError("unreachable")

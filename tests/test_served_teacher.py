@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import yaml
@@ -147,3 +148,21 @@ def test_the_cli_says_when_the_served_teacher_is_down(smollm2: ModelSpec, tmp_pa
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 2, out.stderr[-2000:]
     assert "cannot reach http://127.0.0.1:9" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_busy_and_failing_servers_are_retried_and_refusals_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HTTP boundary faked (tests above use the real server): 429 with an HTTP-date Retry-After, then 503 with
+    Retry-After 3, then the answer; a 400 stops at once with the server's message."""
+    answers = [httpx.Response(429, headers={"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}),
+               httpx.Response(503, headers={"Retry-After": "3"}),
+               httpx.Response(200, json=_answer(None, {"token_id:1": -0.1, "token_id:2": -3.0}, None)),
+               httpx.Response(400, json={"error": {"message": "prompt too long", "param": "prompt"}})]
+    slept: list[float] = []
+    monkeypatch.setattr("distill.served_teacher.time.sleep", slept.append)
+    teacher = object.__new__(ServedTeacher)
+    teacher.config, teacher.k, teacher.vocab = TeacherServerConfig(url="http://t:1", model="m"), 2, 10
+    teacher.client = httpx.Client(base_url="http://t:1", transport=httpx.MockTransport(lambda _: answers.pop(0)))
+    ids, _, _ = teacher.topk(torch.tensor([[4, 5]]))
+    assert ids.tolist() == [[[1, 2]]] and slept == [1.0, 3.0]
+    with pytest.raises(ServedTeacherError, match=r"refused a row \(400\): .*prompt too long"):
+        teacher.topk(torch.tensor([[4, 5]]))
