@@ -83,7 +83,8 @@ async def _answer_all(base_url: str, api_key: str | None, model: str, prompts: l
     limit = asyncio.Semaphore(settings.concurrency)
     bar = tqdm(total=len(prompts), initial=len(done), desc="answers", unit="prompt", disable=not progress)
     with partial.open("a", encoding="utf-8") as out:
-        async with httpx.AsyncClient(base_url=base_url, headers=_auth(api_key), timeout=settings.timeout_s) as client:
+        async with httpx.AsyncClient(base_url=base_url, headers=auth_headers(api_key),
+                                     timeout=settings.timeout_s) as client:
 
             async def one(i: int) -> None:
                 body = {"model": model, "messages": prompts[i], "max_tokens": settings.max_tokens,
@@ -111,14 +112,14 @@ async def _answer_all(base_url: str, api_key: str | None, model: str, prompts: l
     return done
 
 
-def _auth(api_key: str | None) -> dict[str, str]:
+def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def served_models(base_url: str, api_key: str | None) -> list[str]:
     """The models a server serves (`/v1/models`); also checks that the endpoint is reachable."""
     try:
-        r = httpx.get(f"{base_url}/v1/models", headers=_auth(api_key), timeout=30)
+        r = httpx.get(f"{base_url}/v1/models", headers=auth_headers(api_key), timeout=30)
     except httpx.HTTPError as e:
         raise EndpointError(f"cannot reach {base_url}: {e}") from e
     if r.status_code != 200:

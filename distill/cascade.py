@@ -206,7 +206,7 @@ def describe_plan(recipe: Recipe, parent: str, plans: list[StagePlan], cluster: 
             needs.append(stage_needs(plan.target, teacher, plan.stage.tokens, recipe.data.seq_len,
                                      recipe.train.batch_size, recipe.train.activation_checkpointing,
                                      recipe.train.loss.chunk_tokens, cluster,
-                                     teacher_bytes=4 if recipe.train.teacher_dtype == "float32" else 2))
+                                     teacher_bytes=getattr(torch, recipe.train.teacher_dtype).itemsize))
             lines += describe_needs(needs[-1], plan.stage.tokens, cluster)
     if needs:
         least = [n.min_gpus for n in needs]

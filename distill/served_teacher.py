@@ -19,7 +19,7 @@ import httpx
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from distill.answers import EndpointError, served_models
+from distill.answers import EndpointError, auth_headers, served_models
 
 MAX_SERVED_TOP_K = 20  # vLLM's default --max-logprobs, and our server's bound (serve/protocol.py MAX_TOP_LOGPROBS)
 RETRIES = 5
@@ -106,8 +106,7 @@ class ServedTeacher:
         served = served_models(config.url, key)
         if config.model not in served:
             raise ServedTeacherError(f"{config.url} serves {served}, not {config.model!r}")
-        self.client = httpx.Client(base_url=config.url, headers={"Authorization": f"Bearer {key}"} if key else {},
-                                   timeout=config.timeout_s)
+        self.client = httpx.Client(base_url=config.url, headers=auth_headers(key), timeout=config.timeout_s)
 
     def _post(self, row: list[int]) -> dict:
         body = {"model": self.config.model, "prompt": row, "max_tokens": 1, "temperature": 0.0, "echo": True,
@@ -137,11 +136,8 @@ class ServedTeacher:
         parts = [_row_topk(body, row, self.k, self.vocab) for body, row in zip(bodies, lists, strict=True)]
         return tuple(torch.stack(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
-    def close(self) -> None:
-        self.client.close()
 
-
-def identity(config: TeacherServerConfig) -> dict[str, str]:
+def served_identity(config: TeacherServerConfig) -> dict[str, str]:
     """What keys a served teacher's cache: where and what (redeploy under a new name to start a fresh cache)."""
     return {"served": config.url, "model": config.model}
 

@@ -44,7 +44,7 @@ def checkpoint_identity(teacher: Path) -> dict[str, object]:
 
 
 def cache_dir(teacher: dict[str, object], data_key: str, k: int, temperature: float, vocab: int) -> Path:
-    """`teacher`: checkpoint_identity(path), or a served teacher's (distill/served_teacher.py::identity)."""
+    """`teacher`: checkpoint_identity(path), or a served teacher's (distill/served_teacher.py::served_identity)."""
     identity = {**teacher, "data": data_key, "k": k, "temperature": temperature, "vocab": vocab,
                 "version": CACHE_VERSION}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

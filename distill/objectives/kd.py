@@ -14,8 +14,7 @@ from distill.config import FUSED_MIN_VOCAB, TrainConfig
 from distill.data import Batch, BatchSampler, cache_key
 from distill.losses import LossConfig, distill_loss
 from distill.model_io import check_same_tokenizer
-from distill.served_teacher import ServedTeacher
-from distill.served_teacher import identity as served_identity
+from distill.served_teacher import ServedTeacher, served_identity
 from distill.teacher_cache import TeacherCache, TopK, cache_dir, checkpoint_identity, ensure_cache, local_topk
 
 
@@ -83,16 +82,13 @@ def _teacher_cache(config: TrainConfig, vocab: int, train_rows: torch.Tensor, ne
     who = served_identity(served) if served else checkpoint_identity(teacher)
     folder = cache_dir(who, data_key, k, temperature, vocab)
     if is_rank0():
-        about = {**who, "temperature": temperature, "vocab": vocab, "data": data_key}
-        if served:
-            def source() -> TopK:
-                return ServedTeacher(served, k, vocab).topk
+        dtype = torch.bfloat16 if resolve_precision(config.precision, on) == "bfloat16" else None
 
-            ensure_cache(folder, train_rows, needed, source, about, max(config.batch_size, 4 * served.concurrency),
-                         progress)
-        else:
-            dtype = torch.bfloat16 if resolve_precision(config.precision, on) == "bfloat16" else None
-            ensure_cache(folder, train_rows, needed, lambda: local_topk(teacher, k, temperature, vocab, dtype), about,
-                         config.batch_size, progress)
+        def source() -> TopK:  # made only when rows are missing: no teacher loaded or connected for a full cache
+            return ServedTeacher(served, k, vocab).topk if served else local_topk(teacher, k, temperature, vocab, dtype)
+
+        batch = max(config.batch_size, 4 * served.concurrency) if served else config.batch_size
+        about = {**who, "temperature": temperature, "vocab": vocab, "data": data_key}
+        ensure_cache(folder, train_rows, needed, source, about, batch, progress)
     barrier()
     return TeacherCache(folder)
